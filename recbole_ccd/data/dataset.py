@@ -1,0 +1,105 @@
+"""A RecBole :class:`Dataset` whose ids follow first appearance in time."""
+
+from __future__ import annotations
+
+import os
+
+from recbole_ccd import compat  # noqa: F401
+
+import numpy as np
+import pandas as pd
+from recbole.config import Config
+from recbole.data.dataset import Dataset
+
+from recbole_ccd.errors import StreamConfigError
+
+
+def _header_fields(path: str) -> dict[str, str]:
+    with open(path, encoding="utf-8") as handle:
+        header = handle.readline().rstrip("\r\n")
+    fields = {}
+    for column in header.split("\t"):
+        name, _, kind = column.partition(":")
+        fields[name] = kind
+    return fields
+
+
+def check_atomic_file(config: Config) -> str:
+    """Validate ``<data_path>/<dataset>.inter`` before RecBole reads it.
+
+    Checks that the file exists, that its header declares the user, item and time fields,
+    and that no row has an empty id or a missing or non-numeric timestamp.
+
+    Returns:
+        The path of the checked file.
+    """
+    dataset = config["dataset"]
+    folder = config["data_path"]
+    path = os.path.join(folder, f"{dataset}.inter")
+    if not os.path.isdir(folder):
+        raise StreamConfigError(
+            f"dataset folder '{folder}' does not exist: put {dataset}.inter there or set "
+            "--data_path to the folder that holds <dataset>/<dataset>.inter."
+        )
+    if not os.path.isfile(path):
+        raise StreamConfigError(f"'{path}' does not exist: the stream needs a .inter file.")
+
+    fields = _header_fields(path)
+    uid, iid, time = config["USER_ID_FIELD"], config["ITEM_ID_FIELD"], config["TIME_FIELD"]
+    for name, role in ((uid, "USER_ID_FIELD"), (iid, "ITEM_ID_FIELD"), (time, "TIME_FIELD")):
+        if name not in fields:
+            raise StreamConfigError(
+                f"'{path}' has no column '{name}' ({role}); its header declares "
+                f"{sorted(fields)}. Rename the column or set {role}."
+            )
+    if fields[time] != "float":
+        raise StreamConfigError(
+            f"'{path}': the time field '{time}' must be declared as '{time}:float', "
+            f"found '{time}:{fields[time]}'."
+        )
+
+    table = pd.read_csv(
+        path, sep="\t", usecols=[f"{uid}:{fields[uid]}", f"{iid}:{fields[iid]}",
+                                 f"{time}:float"],
+        dtype=str, keep_default_na=False, engine="c",
+    )
+    table.columns = [col.split(":")[0] for col in table.columns]
+    if len(table) == 0:
+        raise StreamConfigError(f"'{path}' holds no interactions.")
+    for name in (uid, iid):
+        empty = np.flatnonzero((table[name].str.strip() == "").to_numpy())
+        if len(empty):
+            raise StreamConfigError(
+                f"'{path}': field '{name}' is empty or NaN in {len(empty)} rows "
+                f"(first at data line {empty[0] + 2})."
+            )
+    times = pd.to_numeric(table[time], errors="coerce").to_numpy(dtype=float)
+    bad = np.flatnonzero(~np.isfinite(times))
+    if len(bad):
+        raise StreamConfigError(
+            f"'{path}': field '{time}' is missing or not a number in {len(bad)} rows "
+            f"(first at data line {bad[0] + 2}: {table[time].iloc[bad[0]]!r})."
+        )
+    return path
+
+
+class StreamDataset(Dataset):
+    """RecBole dataset sorted by time before ids are assigned.
+
+    Users and items then get ids in order of first appearance, so the entities first seen
+    in stage k occupy one contiguous id range, and embedding tables grow by appending rows.
+    ``timestamps`` keeps the raw, sorted time of every interaction (before any
+    normalisation RecBole may apply).
+    """
+
+    def _remap_ID_all(self):
+        order = np.argsort(self.inter_feat[self.time_field].to_numpy(), kind="stable")
+        self.inter_feat = self.inter_feat.iloc[order].reset_index(drop=True)
+        self.timestamps = self.inter_feat[self.time_field].to_numpy(dtype=np.float64).copy()
+        super()._remap_ID_all()
+
+
+def create_stream_dataset(config: Config) -> StreamDataset:
+    """Check the atomic file, load it with RecBole and return the time-ordered dataset."""
+    check_atomic_file(config)
+    return StreamDataset(config)

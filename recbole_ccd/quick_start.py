@@ -1,0 +1,147 @@
+"""One call that runs a model through the stream: :func:`run_stream`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import datetime
+from logging import getLogger
+
+from recbole_ccd import compat  # noqa: F401
+
+import colorlog
+from recbole.utils import init_seed
+from recbole.utils.logger import RemoveColorFilter, log_colors_config
+
+from recbole_ccd.compat import write_text_atomic
+from recbole_ccd.config import CCDConfig, validate_stream_config
+from recbole_ccd.data import build_stages, create_stream_dataset
+from recbole_ccd.errors import StreamConfigError
+from recbole_ccd.trainer.stream import SingleModelLearner, StreamRunner
+
+INVOCATION_FILE = "invocation.json"
+
+
+def _setup_console_logging(level: int = logging.INFO) -> None:
+    root = logging.getLogger()
+    root.setLevel(level)
+    for handler in list(root.handlers):
+        if getattr(handler, "_recbole_ccd", False):
+            root.removeHandler(handler)
+            handler.close()
+    handler = logging.StreamHandler()
+    handler.setFormatter(colorlog.ColoredFormatter(
+        "%(log_color)s%(asctime)-15s %(levelname)s  %(message)s", "%d %b %H:%M",
+        log_colors=log_colors_config))
+    handler._recbole_ccd = True
+    root.addHandler(handler)
+
+
+def _add_file_logging(path: str) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)-15s %(levelname)s  %(message)s"))
+    handler.addFilter(RemoveColorFilter())
+    handler._recbole_ccd = True
+    logging.getLogger().addHandler(handler)
+
+
+def default_output_dir(model: str, dataset: str) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join("outputs", f"{model}-{dataset}-{stamp}")
+
+
+def make_learner(config, stages, output_dir):
+    """The learner for ``config['model']``: CCD's teacher system and student, or one model."""
+    if config["model"] == "CCD":
+        from recbole_ccd.trainer.ccd import CCDLearner
+
+        return CCDLearner(config, stages, output_dir)
+    return SingleModelLearner(config, stages, output_dir)
+
+
+def run_stream(
+    model: str | None = None,
+    dataset: str | None = None,
+    config_file_list: list[str] | None = None,
+    config_dict: dict | None = None,
+    output_dir: str | None = None,
+    resume: str | None = None,
+) -> dict:
+    """Run ``model`` through the time-ordered stages of ``dataset``.
+
+    Args:
+        model, dataset, config_file_list, config_dict: as for RecBole's ``Config``.
+        output_dir: folder for results, logs, checkpoints (default ``outputs/<model>-...``).
+        resume: an earlier run's output folder; its settings are reused and the run
+            continues after its last completed stage.
+
+    Returns:
+        The content of ``results.json``.
+    """
+    _setup_console_logging()
+    if resume is not None:
+        invocation_path = os.path.join(resume, INVOCATION_FILE)
+        if not os.path.isfile(invocation_path):
+            raise StreamConfigError(
+                f"cannot resume: '{invocation_path}' not found; pass the output folder of an "
+                "earlier run.")
+        with open(invocation_path, encoding="utf-8") as handle:
+            invocation = json.load(handle)
+        model, dataset = invocation["model"], invocation["dataset"]
+        config_file_list, config_dict = None, invocation["settings"]
+        output_dir = resume
+
+    config = CCDConfig(model=model, dataset=dataset, config_file_list=config_file_list,
+                       config_dict=config_dict)
+    validate_stream_config(config)
+    init_seed(config["seed"], config["reproducibility"])
+    stream_dataset = create_stream_dataset(config)
+    stages = build_stages(config, stream_dataset)
+
+    output_dir = output_dir or default_output_dir(config["model"], config["dataset"])
+    os.makedirs(output_dir, exist_ok=True)
+    config["checkpoint_dir"] = os.path.join(output_dir, "checkpoints")
+    _add_file_logging(os.path.join(output_dir, "run.log"))
+    logger = getLogger()
+    if resume is None:
+        settings = {k: v for k, v in config.external_config_dict.items()
+                    if k not in ("model", "dataset", "output_dir", "resume")}
+        write_text_atomic(json.dumps({"model": config["model"], "dataset": config["dataset"],
+                                      "settings": settings}, indent=2, default=str),
+                          os.path.join(output_dir, INVOCATION_FILE))
+    logger.info(f"{config['model']} on {config['dataset']}: {len(stages)} stages, output in "
+                f"{output_dir}")
+
+    init_seed(config["seed"], config["reproducibility"])
+    learner = make_learner(config, stages, output_dir)
+    runner = StreamRunner(config, learner, stages, output_dir)
+    summary = runner.run(resume=resume is not None)
+    summary["output_dir"] = output_dir
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point (see ``run_ccd.py``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Run a RecBole model, or CCD, through the time-ordered stages of a dataset. "
+                    "Any other --key=value is passed to RecBole's config.")
+    parser.add_argument("--model", "-m", default="CCD")
+    parser.add_argument("--dataset", "-d", default="ml-100k")
+    parser.add_argument("--config_files", default=None,
+                        help="space-separated yaml files, as in RecBole")
+    parser.add_argument("--output_dir", default=None)
+    parser.add_argument("--resume", default=None, help="an earlier run's output folder")
+    args, _ = parser.parse_known_args(argv)
+    files = args.config_files.strip().split(" ") if args.config_files else None
+    try:
+        result = run_stream(args.model, args.dataset, files, output_dir=args.output_dir,
+                            resume=args.resume)
+    except StreamConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"results: {os.path.join(result['output_dir'], 'results.json')}")
+    return 0
