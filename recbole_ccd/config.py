@@ -126,6 +126,12 @@ def validate_stream_config(config: Config) -> None:
         raise StreamConfigError(
             f"stream_strategy must be one of {STREAM_STRATEGIES}, got {strategy!r}."
         )
+    computed = [f"{metric.lower()}@{k}" for metric in config["metrics"] for k in config["topk"]]
+    if str(config["valid_metric"]).lower() not in computed:
+        raise StreamConfigError(
+            f"valid_metric {config['valid_metric']!r} is not computed: it must be one of "
+            f"metrics x topk ({', '.join(computed)})."
+        )
     for key in ("epochs", "train_batch_size", "eval_batch_size"):
         value = config[key]
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

@@ -18,7 +18,9 @@ def get_model(model_name: str) -> type:
 
     try:
         return recbole_get_model(model_name)
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, ImportError):
+        # ImportError: an unknown name reaches RecBole's last model package, whose import
+        # needs xgboost and lightgbm.
         raise StreamConfigError(
             f"unknown model '{model_name}': use CCD, MF, LightGCN, or a RecBole general "
             "model name such as BPR (names are case-sensitive)."

@@ -58,27 +58,31 @@ def check_atomic_file(config: Config) -> str:
             f"found '{time}:{fields[time]}'."
         )
 
+    # Default NA handling, as RecBole reads the file: 'nan', 'NA', 'null', ... become missing.
     table = pd.read_csv(
         path, sep="\t", usecols=[f"{uid}:{fields[uid]}", f"{iid}:{fields[iid]}",
                                  f"{time}:float"],
-        dtype=str, keep_default_na=False, engine="c",
+        dtype=str, engine="c",
     )
     table.columns = [col.split(":")[0] for col in table.columns]
     if len(table) == 0:
         raise StreamConfigError(f"'{path}' holds no interactions.")
     for name in (uid, iid):
-        empty = np.flatnonzero((table[name].str.strip() == "").to_numpy())
+        empty = np.flatnonzero((table[name].fillna("").str.strip() == "").to_numpy())
         if len(empty):
             raise StreamConfigError(
                 f"'{path}': field '{name}' is empty or NaN in {len(empty)} rows "
-                f"(first at data line {empty[0] + 2})."
+                f"(first at data line {empty[0] + 2}); RecBole reads empty cells and tokens "
+                "such as 'nan', 'NA' or 'null' as missing."
             )
     times = pd.to_numeric(table[time], errors="coerce").to_numpy(dtype=float)
     bad = np.flatnonzero(~np.isfinite(times))
     if len(bad):
+        first = table[time].iloc[bad[0]]
+        shown = repr(first) if isinstance(first, str) else "empty or NA"
         raise StreamConfigError(
             f"'{path}': field '{time}' is missing or not a number in {len(bad)} rows "
-            f"(first at data line {bad[0] + 2}: {table[time].iloc[bad[0]]!r})."
+            f"(first at data line {bad[0] + 2}: {shown})."
         )
     return path
 

@@ -199,6 +199,12 @@ def build_stages(config: Config, dataset: Dataset) -> list[Stage]:
     users = dataset.inter_feat[uid_field].numpy()
     items = dataset.inter_feat[iid_field].numpy()
     stages = assign_stages(dataset.timestamps, config)
+    n_items_total = dataset.item_num - 1
+    if max(config["topk"]) > n_items_total:
+        raise StreamConfigError(
+            f"topk {config['topk']} asks for more items than dataset '{config['dataset']}' "
+            f"holds ({n_items_total}): lower topk and valid_metric."
+        )
     n_stages = int(stages.max()) + 1
     user_seen = _seen_counts(users, stages, n_stages)
     item_seen = _seen_counts(items, stages, n_stages)

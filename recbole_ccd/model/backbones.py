@@ -76,6 +76,10 @@ class StreamRecommender(GeneralRecommender):
         """Parameters in use: (users seen + items seen) x embedding size."""
         return (self.n_users_seen + self.n_items_seen) * self.embedding_size
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._cache = None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def train(self, mode: bool = True):
         self._cache = None
         return super().train(mode)
@@ -85,13 +89,20 @@ class StreamRecommender(GeneralRecommender):
         raise NotImplementedError
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final ``(user [user_num, d], item [item_num, d])`` representations."""
+        """Final ``(user [user_num, d], item [item_num, d])`` representations.
+
+        In evaluation mode they are computed once without gradients and cached until the
+        weights may change (``train()``, ``set_stage``, ``load_state_dict``).
+        """
         if not self.training and self._cache is not None:
             return self._cache
-        result = self.propagate(self.user_embedding.weight, self.item_embedding.weight)
-        if not self.training:
-            self._cache = (result[0].detach(), result[1].detach())
-        return result
+        if self.training:
+            return self.propagate(self.user_embedding.weight, self.item_embedding.weight)
+        with torch.no_grad():
+            user_all, item_all = self.propagate(self.user_embedding.weight,
+                                                self.item_embedding.weight)
+        self._cache = (user_all, item_all)
+        return self._cache
 
     def score_users(self, users: torch.Tensor) -> torch.Tensor:
         """Scores ``[len(users), item_num]`` of every item for ``users``."""
@@ -171,6 +182,17 @@ class _SymmetricSparseMM(torch.autograd.Function):
         return None, ctx.adjacency @ grad
 
 
+class _Shared:
+    """A value that deep copies share: the graph is replaced, never changed in place, and
+    sparse csr tensors cannot be deep-copied."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class LightGCN(StreamRecommender):
     r"""LightGCN over the graph of the interactions of the current stage only.
 
@@ -183,15 +205,20 @@ class LightGCN(StreamRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.n_layers = config["n_layers"]
-        self.adjacency: torch.Tensor | None = None
+        self._graph = _Shared(None)
         self.set_graph(dataset.inter_matrix(form="csr").astype(np.float32))
 
     def set_graph(self, matrix: sp.csr_matrix) -> None:
         """Use ``matrix`` (binary [user_num, item_num]) as the propagation graph."""
         binary = matrix.copy().tocsr()
         binary.data[:] = 1.0
-        self.adjacency = normalized_adjacency(binary).to(self.device)
+        self._graph = _Shared(normalized_adjacency(binary).to(self.device))
         self._cache = None
+
+    @property
+    def adjacency(self) -> torch.Tensor:
+        """Normalised adjacency of the current graph, sparse csr [user_num + item_num]^2."""
+        return self._graph.value
 
     def set_stage(self, n_users_seen, n_items_seen, train_matrix=None, init_new_rows=True):
         super().set_stage(n_users_seen, n_items_seen, train_matrix, init_new_rows)
@@ -209,6 +236,6 @@ class LightGCN(StreamRecommender):
 
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)
-        if self.adjacency is not None:
-            self.adjacency = fn(self.adjacency)
+        if getattr(self, "_graph", None) is not None and self._graph.value is not None:
+            self._graph = _Shared(fn(self._graph.value))
         return result

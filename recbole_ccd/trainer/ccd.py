@@ -1,0 +1,653 @@
+"""CCD along the stream: the teacher system and the student learn from each other.
+
+Per stage, :class:`CCDLearner` runs::
+
+    stage 0:   train every teacher on stage 0
+               ensemble  -> teacher system E_0
+               distil    -> student D_1 from E_0 on stage 0 (this is the stage-0 student)
+               proxies   -> stability proxy SP = plasticity proxy PP = D_1
+    stage k>0: 1. update the student (on stage k)
+                  - proxies: SP, PP <- EMA of themselves and D_k (k >= 2)
+                  - S_k = D_k grown to the new users/items (multi-hop initialisation)
+                  - per epoch: a BPR pass (negatives avoid the top items of E_{k-1}, D_k,
+                    SP, PP), then a replay pass on items sampled from SP and PP
+               2. update every teacher (on stage k)
+                  - grown with the same initialisation, trained with BPR + structure
+                    distillation from its own previous embeddings + replay from SP, PP, S_k
+               3. ensemble  -> E_k; S_k and E_k are what the stage is evaluated on
+               4. distil    -> D_{k+1} from E_k on stage k, for the next stage
+
+Distillation (steps "distil") trains a fresh student with BPR plus the two relaxed ranking
+distillation terms: per user, the teacher system's top items must outrank sampled
+uninteresting items; per item, likewise over users.
+
+With ``ccd_mode: distil_once`` the reference pipeline "distil once, then fine-tune the
+student" runs instead: the stage-0 steps, then for k > 0 only the student is fine-tuned with
+BPR (no proxies, no replay), and the teacher system stays as trained on stage 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable
+
+from recbole_ccd import compat  # noqa: F401
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from recbole.utils import set_color
+from tqdm import tqdm
+
+from recbole_ccd.errors import StreamConfigError
+from recbole_ccd.evaluation import evaluate_scorer, model_scorer
+from recbole_ccd.model.backbones import StreamRecommender
+from recbole_ccd.model.ccd import CCD, build_backbone
+from recbole_ccd.model.continual import StructureDistiller, ema_table, init_new_embeddings
+from recbole_ccd.model.ranking import (
+    mask_scores, merge_replay, ranks_of_items, relaxed_ranking_loss, replay_weight, sample_replay,
+    sample_uninteresting, topk_rows,
+)
+from recbole_ccd.trainer.stream import StreamLearner
+
+CCD_MODES = ("ccd", "distil_once")
+INIT_KINDS = ("random", "one_hop", "multi_hop")
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------------------------
+def pairs_to_csr(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) -> sp.csr_matrix:
+    """Binary csr matrix with ones at (rows[i], cols[i]); entries < 0 are ignored."""
+    rows, cols = rows.reshape(-1).cpu().numpy(), cols.reshape(-1).cpu().numpy()
+    keep = (rows >= 0) & (cols >= 0)
+    matrix = sp.csr_matrix((np.ones(keep.sum(), dtype=np.float32), (rows[keep], cols[keep])),
+                           shape=shape)
+    matrix.data[:] = 1.0
+    return matrix
+
+
+def union(*matrices: sp.csr_matrix | None) -> sp.csr_matrix:
+    """Binary union of same-shaped csr matrices (None entries are skipped)."""
+    present = [m for m in matrices if m is not None]
+    total = present[0].copy()
+    for matrix in present[1:]:
+        total = total + matrix
+    total = total.tocsr()
+    total.data[:] = 1.0
+    return total
+
+
+def topk_to_csr(users: torch.Tensor, items: torch.Tensor, shape) -> sp.csr_matrix:
+    """csr of the pairs (users[r], items[r, c]) of a top-k table."""
+    return pairs_to_csr(users[:, None].expand_as(items), items, shape)
+
+
+def sample_negatives(users: np.ndarray, forbidden: sp.csr_matrix, n_items_seen: int,
+                     max_rounds: int = 50) -> np.ndarray:
+    """One uniform negative in ``[1, n_items_seen)`` per user, outside ``forbidden``.
+
+    Rejection sampling against the sorted keys ``user * n_cols + item`` of the forbidden
+    pairs; uses numpy's global generator (seeded by RecBole's ``init_seed``).
+    """
+    n_cols = forbidden.shape[1]
+    coo = forbidden.tocoo()
+    keys = np.sort(coo.row.astype(np.int64) * n_cols + coo.col)
+    negatives = np.random.randint(1, n_items_seen, len(users))
+    todo = np.arange(len(users))
+    for _ in range(max_rounds):
+        query = users[todo].astype(np.int64) * n_cols + negatives[todo]
+        position = np.minimum(np.searchsorted(keys, query), max(len(keys) - 1, 0))
+        bad = keys[position] == query if len(keys) else np.zeros(len(query), bool)
+        todo = todo[bad]
+        if len(todo) == 0:
+            break
+        negatives[todo] = np.random.randint(1, n_items_seen, len(todo))
+    return negatives
+
+
+def bpr_sum(user: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch of -log sigmoid(u.pos - u.neg)."""
+    return -F.logsigmoid((user * pos).sum(-1) - (user * neg).sum(-1)).sum()
+
+
+def per_stage(value, k: int):
+    """A setting that may be one value or a list with one value per stage."""
+    if isinstance(value, (list, tuple)):
+        return value[min(k, len(value) - 1)]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# the learner
+# ---------------------------------------------------------------------------------------------
+class CCDLearner(StreamLearner):
+    """Runs CCD stage by stage (the loop is drawn in this module's docstring)."""
+
+    roles = ("student", "teacher")
+
+    def __init__(self, config, stages, output_dir):
+        super().__init__(config, stages, output_dir)
+        self.mode = config["ccd_mode"]
+        if self.mode not in CCD_MODES:
+            raise StreamConfigError(f"ccd_mode must be one of {CCD_MODES}, got {self.mode!r}.")
+        self.init_kind = config["init_kind"]
+        if self.init_kind not in INIT_KINDS:
+            raise StreamConfigError(
+                f"init_kind must be one of {INIT_KINDS}, got {self.init_kind!r}.")
+        self.valid_metric = config["valid_metric"].lower()
+        self.ccd = CCD(config, stages[0].train).to(self.device)
+        self.student = self.ccd.student          # S_k: the student that serves (evaluated)
+        self.distilled: StreamRecommender | None = None   # D_{k+1}: distilled after stage k
+        self.stability: StreamRecommender | None = None   # SP
+        self.plasticity: StreamRecommender | None = None  # PP
+        self.generator = torch.Generator().manual_seed(config["seed"])
+        self.current = 0
+
+    # -- what the runner reads -------------------------------------------------------------
+    def scorer(self, role):
+        if role == "student":
+            return model_scorer(self.student)
+        n_items = self.stages[self.current].n_items
+        uid = self.stages[0].uid_field
+        return lambda interaction: self.ccd.teacher_scores(interaction[uid], n_items)
+
+    def eval_mode(self):
+        self.ccd.eval()
+        self.student.eval()
+
+    def parameter_counts(self):
+        return self.ccd.parameter_counts()
+
+    # -- the stage ---------------------------------------------------------------------------
+    def learn_stage(self, k):
+        self.current = k
+        timing: dict[str, float] = {}
+        stage = self.stages[k]
+
+        def timed(name: str, step: Callable[[], None]) -> None:
+            self.logger.info(set_color(f"[stage {k}] {name}", "cyan"))
+            start = time.time()
+            step()
+            timing[name] = time.time() - start
+
+        if k == 0:
+            timed("teachers", self._train_base_teachers)
+            timed("distil", lambda: self._distil(0))
+            self.student = self.distilled
+            self.stability = copy.deepcopy(self.distilled)
+            self.plasticity = copy.deepcopy(self.distilled)
+        elif self.mode == "distil_once":
+            timed("student_update", lambda: self._finetune_student(k))
+        else:
+            timed("student_update", lambda: self._update_student(k))
+            timed("teacher_update", lambda: self._update_teachers(k))
+            if k + 1 < len(self.stages):
+                timed("distil", lambda: self._distil(k))
+        self.ccd.student = self.student
+        for model in (self.student, *self.ccd.teachers):
+            model.set_stage(stage.n_users, stage.n_items, None, init_new_rows=False)
+        return timing
+
+    # -- a generic training loop ---------------------------------------------------------------
+    def _fit(self, model: StreamRecommender, k: int, *, prefix: str,
+             forbidden: sp.csr_matrix,
+             batch_loss: Callable | None = None,
+             after_epoch: Callable | None = None,
+             extra_params: list[torch.nn.Parameter] | None = None) -> None:
+        """BPR training on stage ``k``'s train split with early stopping on its valid split.
+
+        ``batch_loss(user_all, item_all, users, pos, neg)`` adds to each BPR step's loss;
+        ``after_epoch(model, optimizer, epoch)`` runs extra passes (replay, item-side
+        distillation) with their own steps of the same optimiser.
+        """
+        stage = self.stages[k]
+        epochs = self.config[f"{prefix}_epochs"]
+        batch_size = self.config[f"{prefix}_batch_size"]
+        params = list(model.parameters()) + list(extra_params or [])
+        optimizer = torch.optim.Adam(params, lr=self.config[f"{prefix}_learning_rate"],
+                                     weight_decay=self.config["ccd_weight_decay"])
+        users, items = stage.train_pairs()
+        users_np = users.numpy()
+        best, best_state, patience = -np.inf, None, 0
+        for epoch in range(epochs):
+            model.train()
+            negatives = torch.from_numpy(sample_negatives(users_np, forbidden, stage.n_items))
+            order = torch.randperm(len(users))
+            batches = range(0, len(order), batch_size)
+            if self.config["show_progress"]:
+                batches = tqdm(batches, desc=f"{prefix} epoch {epoch}", leave=False)
+            for start in batches:
+                idx = order[start:start + batch_size]
+                u = users[idx].to(self.device)
+                p = items[idx].to(self.device)
+                n = negatives[idx].to(self.device)
+                user_all, item_all = model()
+                loss = bpr_sum(user_all[u], item_all[p], item_all[n])
+                if batch_loss is not None:
+                    loss = loss + batch_loss(user_all, item_all, u, p, n)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            if after_epoch is not None:
+                after_epoch(model, optimizer, epoch)
+            model.eval()
+            score = evaluate_scorer(model_scorer(model), stage.valid_loader, self.config,
+                                    stage.n_items)[self.valid_metric]
+            self.logger.info(f"  {prefix} epoch {epoch}: valid {self.valid_metric}={score:.4f}")
+            if score > best:
+                best, patience = score, 0
+                best_state = {key: v.detach().clone() for key, v in model.state_dict().items()}
+            else:
+                patience += 1
+                if patience >= self.config["stopping_step"]:
+                    break
+        model.load_state_dict(best_state)
+        model.eval()
+
+    # -- stage 0: base teachers ----------------------------------------------------------------
+    def _train_base_teachers(self) -> None:
+        stage = self.stages[0]
+        for index, teacher in enumerate(self.ccd.teachers):
+            self.logger.info(f"  teacher {index}: {self.ccd.teacher_specs[index]}")
+            teacher.set_stage(stage.n_users, stage.n_items, stage.train_matrix())
+            self._fit(teacher, 0, prefix="teacher", forbidden=stage.train_matrix())
+
+    # -- top-k helpers -------------------------------------------------------------------------
+    def _score_fn(self, model: StreamRecommender) -> Callable[[torch.Tensor], torch.Tensor]:
+        model.eval()
+
+        @torch.no_grad()
+        def score(users: torch.Tensor) -> torch.Tensor:
+            return model.score_users(users.to(self.device)).cpu()
+
+        return score
+
+    def _ensemble_fn(self, n_items: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        self.ccd.eval()
+        return lambda users: self.ccd.teacher_scores(users.to(self.device), n_items).cpu()
+
+    def _topk_csr(self, score_fn, users: torch.Tensor, k: int, n_items: int,
+                  mask: sp.csr_matrix | None = None) -> sp.csr_matrix:
+        """csr [user_num, item_num] of each user's top-``k`` items (id 0 excluded)."""
+        shape = self.stages[0].train_matrix().shape
+        pad = sp.csr_matrix(([1.0] * len(users), (users.numpy(), [0] * len(users))), shape=shape)
+        _, top = topk_rows(score_fn, users, k, mask=union(mask, pad) if mask is not None
+                           else pad, chunk_size=self.config["ccd_chunk_size"], n_items=n_items)
+        return topk_to_csr(users, top, shape)
+
+    # -- stage "distil": student generation by relaxed ranking distillation --------------------
+    def _distil(self, k: int) -> None:
+        """Train a fresh student D_{k+1} from the teacher system E_k on stage k."""
+        stage = self.stages[k]
+        shape = stage.train_matrix().shape
+        train = stage.train_matrix()
+        n_interesting = self.config["distill_interesting"]
+        chunk = self.config["ccd_chunk_size"]
+        teacher_fn = self._ensemble_fn(stage.n_items)
+
+        # Interesting items per user and interesting users per item: the teacher system's
+        # top lists with the stage's training pairs (and the padding item) masked out.
+        active = torch.from_numpy(np.flatnonzero(np.diff(train.indptr) > 0))
+        all_users = torch.arange(1, stage.n_users)
+        blocked = union(train, sp.csr_matrix((np.ones(shape[0]), (np.arange(shape[0]),
+                                                                  np.zeros(shape[0]))),
+                                             shape=shape))
+        interesting_items = torch.full((shape[0], n_interesting), -1, dtype=torch.long)
+        best_users = torch.full((stage.n_items, n_interesting), -1, dtype=torch.long)
+        best_values = torch.full((stage.n_items, n_interesting), -torch.inf)
+        for start in range(0, len(all_users), chunk):
+            users = all_users[start:start + chunk]
+            scores = mask_scores(teacher_fn(users)[:, :stage.n_items].clone(), users, blocked)
+            values, top = torch.topk(scores, min(n_interesting, stage.n_items - 1), dim=1)
+            top[~torch.isfinite(values)] = -1
+            interesting_items[users, : top.shape[1]] = top
+            merged_values = torch.cat([best_values, scores.T], dim=1)
+            merged_users = torch.cat([best_users, users.expand(stage.n_items, -1)], dim=1)
+            keep = torch.topk(merged_values, n_interesting, dim=1).indices
+            best_values = merged_values.gather(1, keep)
+            best_users = merged_users.gather(1, keep)
+        best_users[~torch.isfinite(best_values)] = -1
+        best_users[0] = -1
+        is_active = torch.zeros(shape[0], dtype=torch.bool)
+        is_active[active] = True
+        interesting_items[~is_active] = -1
+
+        # Items never to sample as negatives: the stage's positives and the top lists of the
+        # student side (stability/plasticity proxies and the updated student, k >= 1).
+        exclusion = [self._topk_csr(teacher_fn, all_users, self.config["exclusion_topk"],
+                                    stage.n_items, train)]
+        if k >= 1:
+            for source in self._student_sources(k, include_student=True):
+                exclusion.append(self._topk_csr(self._score_fn(source), all_users,
+                                                self.config["exclusion_topk"],
+                                                min(stage.n_items, source.n_items_seen), train))
+        interesting_csr = topk_to_csr(torch.arange(shape[0]), interesting_items, shape)
+        interesting_users_csr = pairs_to_csr(best_users,
+                                             torch.arange(stage.n_items)[:, None]
+                                             .expand_as(best_users), shape)
+        negatives_forbidden = union(train, interesting_csr, *exclusion)
+        uninteresting_forbidden = union(negatives_forbidden, interesting_users_csr)
+
+        student = build_backbone(self.config, stage.train, self.ccd.student_spec).to(self.device)
+        student.set_stage(stage.n_users, stage.n_items, train)
+        user_weight = self.config["distill_user_weight"]
+        item_weight = self.config["distill_item_weight"]
+        resample = max(1, self.config["distill_resample_every"])
+        samples: dict[str, torch.Tensor] = {}
+
+        def draw() -> None:
+            samples["items"], samples["items_valid"] = sample_uninteresting(
+                shape[0], stage.n_items, self.config["distill_uninteresting_items"],
+                uninteresting_forbidden, generator=self.generator)
+            samples["users"], samples["users_valid"] = sample_uninteresting(
+                stage.n_items, stage.n_users, self.config["distill_uninteresting_users"],
+                uninteresting_forbidden.T.tocsr()[: stage.n_items], generator=self.generator)
+
+        interesting_items_d = interesting_items.to(self.device)
+        best_users_d = best_users.to(self.device)
+
+        def batch_loss(user_all, item_all, users, pos, neg):
+            if user_weight == 0:
+                return 0.0
+            if "items" not in samples:
+                draw()
+            batch = torch.unique(users)
+            batch = batch[interesting_items_d[batch, 0] >= 0]
+            if len(batch) == 0:
+                return 0.0
+            u = user_all[batch]
+            top = interesting_items_d[batch]
+            neg_ids = samples["items"][batch.cpu()].to(self.device)
+            valid = samples["items_valid"][batch.cpu()].to(self.device)
+            top_scores = torch.einsum("bd,bkd->bk", u, item_all[top.clamp(min=0)])
+            neg_scores = torch.einsum("bd,bkd->bk", u, item_all[neg_ids])
+            return user_weight * relaxed_ranking_loss(top_scores, neg_scores, valid=valid,
+                                                      interesting_valid=top >= 0)
+
+        def after_epoch(model, optimizer, epoch):
+            if (epoch + 1) % resample == 0:
+                draw()
+            if item_weight == 0:
+                return
+            items = torch.arange(1, stage.n_items)
+            items = items[best_users[items, 0] >= 0]
+            items = items[torch.randperm(len(items))]
+            for start in range(0, len(items), self.config["distill_batch_size"]):
+                batch = items[start:start + self.config["distill_batch_size"]].to(self.device)
+                user_all, item_all = model()
+                v = item_all[batch]
+                top = best_users_d[batch]
+                neg_ids = samples["users"][batch.cpu()].to(self.device)
+                valid = samples["users_valid"][batch.cpu()].to(self.device)
+                top_scores = torch.einsum("bd,bkd->bk", v, user_all[top.clamp(min=0)])
+                neg_scores = torch.einsum("bd,bkd->bk", v, user_all[neg_ids])
+                loss = item_weight * relaxed_ranking_loss(top_scores, neg_scores, valid=valid,
+                                                          interesting_valid=top >= 0)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+
+        draw()
+        self._fit(student, k, prefix="distill", forbidden=negatives_forbidden,
+                  batch_loss=batch_loss, after_epoch=after_epoch)
+        self.distilled = student
+
+    # -- stage k: the student update -----------------------------------------------------------
+    def _student_sources(self, k: int, include_student: bool = False) -> list[StreamRecommender]:
+        """The student-side models whose top items are excluded from negatives."""
+        sources = []
+        if self.config["use_stability_proxy"]:
+            sources.append(self.stability)
+        if self.config["use_plasticity_proxy"] and k >= 2:
+            sources.append(self.plasticity)
+        if include_student:
+            sources.append(self.student)
+        return sources
+
+    def _grow(self, model: StreamRecommender, k: int) -> None:
+        """Grow ``model`` to stage k's users and items with the configured initialisation."""
+        stage = self.stages[k]
+        if self.init_kind != "random":
+            with torch.no_grad():
+                new_users, new_items = init_new_embeddings(
+                    stage.train_matrix()[: stage.n_users, : stage.n_items],
+                    model.user_embedding.weight[: stage.n_users_before],
+                    model.item_embedding.weight[: stage.n_items_before],
+                    stage.n_users_before, stage.n_items_before, stage.n_users, stage.n_items,
+                    tau=self.config["init_tau"], mode=self.init_kind)
+                model.user_embedding.weight[stage.n_users_before: stage.n_users] = new_users
+                model.item_embedding.weight[stage.n_items_before: stage.n_items] = new_items
+        model.set_stage(stage.n_users, stage.n_items, stage.train_matrix(),
+                        init_new_rows=self.init_kind == "random")
+
+    def _update_proxies(self, k: int) -> None:
+        """EMA of the proxies' layer-0 tables with the newly distilled student's (k >= 2)."""
+        distilled = self.distilled
+        for name, weights in (("stability", self.config["stability_weights"]),
+                              ("plasticity", self.config["plasticity_weights"])):
+            beta = float(per_stage(weights, k))
+            old = getattr(self, name)
+            proxy = copy.deepcopy(distilled)
+            with torch.no_grad():
+                for table in ("user_embedding", "item_embedding"):
+                    previous = getattr(old, table).weight
+                    rows = old.n_users_seen if table == "user_embedding" else old.n_items_seen
+                    getattr(proxy, table).weight.copy_(
+                        ema_table(previous, getattr(distilled, table).weight, beta, rows))
+            proxy.eval()
+            setattr(self, name, proxy)
+
+    def _replay_set(self, k: int, sources: list[tuple[StreamRecommender, int, bool]],
+                    reference: StreamRecommender) -> tuple[torch.Tensor, ...]:
+        """Proxy-guided replay samples for every old user of stage k.
+
+        ``sources`` holds (model, samples per user, mask the training pairs?). Candidates are
+        each source's top-``replay_top_a`` items; items ranked much higher by the source than
+        by ``reference`` are favoured; labels are sigmoid of the source's score.
+        """
+        stage = self.stages[k]
+        old_users = torch.arange(1, stage.n_users_before)
+        mask = union(self.stages[k - 1].train_matrix(), stage.train_matrix())
+        reference_fn = self._score_fn(reference)
+        n_ref_items = reference.n_items_seen
+
+        def reference_ranks(users, items):
+            return ranks_of_items(reference_fn, users, items, n_items=n_ref_items,
+                                  chunk_size=self.config["ccd_chunk_size"])
+
+        parts = []
+        for source, n_samples, masked in sources:
+            if n_samples <= 0:
+                continue
+            n_items = min(source.n_items_seen, n_ref_items)
+            pad = sp.csr_matrix((np.ones(len(old_users)), (old_users.numpy(),
+                                                          np.zeros(len(old_users)))),
+                                shape=mask.shape)
+            values, top = topk_rows(self._score_fn(source), old_users,
+                                    self.config["replay_top_a"],
+                                    mask=union(mask, pad) if masked else pad,
+                                    chunk_size=self.config["ccd_chunk_size"], n_items=n_items)
+            top = torch.where(torch.isfinite(values), top, torch.full_like(top, -1))
+            parts.append(sample_replay(reference_ranks, top, values, old_users, n_samples,
+                                       eps=self.config["replay_eps"], generator=self.generator))
+        if not parts:
+            return ()
+        return merge_replay(parts)
+
+    def _replay_pass(self, model, optimizer, replay, weight: float) -> None:
+        users, items, labels = replay
+        if weight == 0 or len(users) == 0:
+            return
+        order = torch.randperm(len(users))
+        size = self.config["update_batch_size"]
+        for start in range(0, len(order), size):
+            idx = order[start:start + size]
+            user_all, item_all = model()
+            u, i = users[idx].to(self.device), items[idx].to(self.device)
+            logits = (user_all[u] * item_all[i]).sum(-1)
+            loss = weight * F.binary_cross_entropy_with_logits(
+                logits, labels[idx].to(self.device), reduction="sum")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    def _negative_exclusion(self, k: int, sources: list[StreamRecommender]) -> sp.csr_matrix:
+        """Stage k's positives plus the top items of the previous teacher system and sources."""
+        stage, previous = self.stages[k], self.stages[k - 1]
+        old_users = torch.arange(1, stage.n_users_before)
+        top_k = self.config["exclusion_topk"]
+        parts = [stage.train_matrix(),
+                 self._topk_csr(self._ensemble_fn(previous.n_items), old_users, top_k,
+                                previous.n_items, previous.train_matrix())]
+        for source in sources:
+            parts.append(self._topk_csr(self._score_fn(source), old_users, top_k,
+                                        source.n_items_seen, stage.train_matrix()))
+        return union(*parts)
+
+    def _update_student(self, k: int) -> None:
+        """Stage-k update of the student: proxies, growth, BPR + proxy-guided replay."""
+        if k >= 2:
+            self._update_proxies(k)
+        for model in (self.stability, self.plasticity, self.distilled):
+            model.eval()
+        forbidden = self._negative_exclusion(k, [self.distilled, *self._student_sources(k)])
+        student = copy.deepcopy(self.distilled)
+        self._grow(student, k)
+
+        sources = []
+        if self.config["replay"]:
+            if self.config["use_stability_proxy"]:
+                sources.append((self.stability, self.config["replay_stability_samples"], True))
+            if self.config["use_plasticity_proxy"] and k >= 2:
+                sources.append((self.plasticity, self.config["replay_plasticity_samples"], True))
+        state: dict[str, tuple] = {}
+        resample = max(1, self.config["replay_resample_every"])
+
+        def after_epoch(model, optimizer, epoch):
+            if not sources:
+                return
+            if "replay" not in state or epoch % resample == 0 and epoch > 0:
+                # The reference is the distilled student, fixed during the stage.
+                state["replay"] = self._replay_set(k, sources, self.distilled)
+            weight = replay_weight(epoch, self.config["replay_initial_weight"],
+                                   self.config["replay_period_student"])
+            self._replay_pass(model, optimizer, state["replay"], weight)
+
+        self._fit(student, k, prefix="update", forbidden=forbidden, after_epoch=after_epoch)
+        self.student = student
+
+    def _finetune_student(self, k: int) -> None:
+        """``distil_once``: plain BPR fine-tuning of the student on stage k."""
+        student = self.student
+        self._grow(student, k)
+        self._fit(student, k, prefix="update", forbidden=self.stages[k].train_matrix())
+
+    # -- stage k: the teacher update -----------------------------------------------------------
+    def _update_teachers(self, k: int) -> None:
+        """Each teacher: growth, BPR + structure distillation + cross-knowledge replay."""
+        stage, previous = self.stages[k], self.stages[k - 1]
+        use_student = self.config["teacher_use_student_knowledge"]
+        student_side = self._student_sources(k) + [self.student] if use_student else []
+        forbidden = self._negative_exclusion(k, student_side)
+        for index, teacher in enumerate(self.ccd.teachers):
+            self.logger.info(f"  teacher {index}: {self.ccd.teacher_specs[index]}")
+            teacher.eval()
+            distiller = None
+            if self.config["teacher_structure_weight"] > 0:
+                distiller = StructureDistiller(
+                    teacher.user_embedding.weight[: stage.n_users_before].detach().cpu(),
+                    teacher.item_embedding.weight[: stage.n_items_before].detach().cpu(),
+                    previous.train_matrix(), k=self.config["teacher_structure_neighbours"],
+                    temperature=self.config["teacher_structure_temperature"],
+                    max_positives=10, max_candidates=2048, seed=self.config["seed"],
+                ).to(self.device)
+            self._grow(teacher, k)
+            anchors = self.config["teacher_structure_anchors"]
+            weight = self.config["teacher_structure_weight"]
+
+            def batch_loss(user_all, item_all, users, pos, neg, teacher=teacher,
+                           distiller=distiller):
+                if distiller is None:
+                    return 0.0
+                batch_users = torch.unique(users)
+                batch_items = torch.unique(pos)
+                batch_users = batch_users[torch.randperm(len(batch_users))[:anchors]]
+                batch_items = batch_items[torch.randperm(len(batch_items))[:anchors]]
+                return weight * distiller.loss(teacher.user_embedding.weight,
+                                               teacher.item_embedding.weight,
+                                               batch_users, batch_items)
+
+            sources = []
+            if self.config["replay"] and use_student:
+                if self.config["use_stability_proxy"]:
+                    sources.append((self.stability, self.config["replay_stability_samples"],
+                                    True))
+                if self.config["use_plasticity_proxy"] and k >= 2:
+                    sources.append((self.plasticity, self.config["replay_plasticity_samples"],
+                                    True))
+                sources.append((self.student, self.config["replay_student_samples"], False))
+            state: dict[str, tuple] = {}
+            resample = max(1, self.config["replay_resample_every"])
+
+            def after_epoch(model, optimizer, epoch, sources=sources, state=state):
+                if not sources:
+                    return
+                if "replay" not in state or epoch % resample == 0 and epoch > 0:
+                    # Adaptive: the reference is the teacher as it is now.
+                    model.eval()
+                    state["replay"] = self._replay_set(k, sources, model)
+                    model.train()
+                weight = replay_weight(epoch, self.config["replay_initial_weight"],
+                                       self.config["replay_period_teacher"])
+                self._replay_pass(model, optimizer, state["replay"], weight)
+
+            self._fit(teacher, k, prefix="teacher", forbidden=forbidden, batch_loss=batch_loss,
+                      after_epoch=after_epoch)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self):
+        def module_state(model):
+            if model is None:
+                return None
+            return {"weights": model.state_dict(),
+                    "seen": [model.n_users_seen, model.n_items_seen]}
+
+        return {
+            "teachers": [module_state(t) for t in self.ccd.teachers],
+            "student": module_state(self.student),
+            "distilled": module_state(self.distilled),
+            "stability": module_state(self.stability),
+            "plasticity": module_state(self.plasticity),
+            "generator": self.generator.get_state(),
+            "current": self.current,
+        }
+
+    def load_state_dict(self, state):
+        k = state["current"]
+        self.current = k
+        graph = self.stages[k].train_matrix()
+        previous_graph = self.stages[max(k - 1, 0)].train_matrix()
+
+        def restore(model_state, graph_matrix, template=None):
+            if model_state is None:
+                return None
+            model = template or build_backbone(self.config, self.stages[0].train,
+                                               self.ccd.student_spec).to(self.device)
+            model.load_state_dict(model_state["weights"])
+            model.set_stage(*model_state["seen"], graph_matrix, init_new_rows=False)
+            model.eval()
+            return model
+
+        for teacher, teacher_state in zip(self.ccd.teachers, state["teachers"]):
+            restore(teacher_state, graph, teacher)
+        self.student = restore(state["student"], graph)
+        self.distilled = restore(state["distilled"], graph)
+        # The proxies keep the graph of the distilled student they were mixed from.
+        proxy_graph = previous_graph if k >= 1 else graph
+        self.stability = restore(state["stability"], proxy_graph)
+        self.plasticity = restore(state["plasticity"], proxy_graph)
+        self.ccd.student = self.student
+        self.generator.set_state(state["generator"])
