@@ -132,6 +132,10 @@ def validate_stream_config(config: Config) -> None:
             f"valid_metric {config['valid_metric']!r} is not computed: it must be one of "
             f"metrics x topk ({', '.join(computed)})."
         )
+    if config["model"] == "CCD":
+        from recbole_ccd.model.ccd import validate_ccd_config
+
+        validate_ccd_config(config)
     for key in ("epochs", "train_batch_size", "eval_batch_size"):
         value = config[key]
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

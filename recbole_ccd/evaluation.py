@@ -25,14 +25,16 @@ from recbole.data.interaction import Interaction
 from recbole.evaluator import Collector, Evaluator
 
 Scorer = Callable[[Interaction], torch.Tensor]
-"""Maps a batch of users to scores ``[n_users_in_batch, item_num]`` over all item ids."""
+"""Maps a batch of users to scores ``[n_users_in_batch, item_num]`` over all item ids.
+
+The returned tensor must be fresh: evaluation masks it in place."""
 
 
 def mask_scores(
     scores: torch.Tensor, history_index: tuple[torch.Tensor, torch.Tensor] | None,
     n_items_seen: int,
 ) -> torch.Tensor:
-    """Set padding, not-yet-seen items and the users' masked history to -inf (in place)."""
+    """Set padding, not-yet-seen items and the users' masked history to -inf, in place."""
     scores[:, 0] = -torch.inf
     scores[:, n_items_seen:] = -torch.inf
     if history_index is not None:
@@ -55,7 +57,7 @@ def evaluate_scorer(
     device = config["device"]
     for interaction, history_index, positive_u, positive_i in loader:
         scores = scorer(interaction.to(device)).view(len(interaction), -1).float()
-        scores = mask_scores(scores.clone(), history_index, n_items_seen)
+        scores = mask_scores(scores, history_index, n_items_seen)
         collector.eval_batch_collect(scores, interaction, positive_u, positive_i)
     result = evaluator.evaluate(collector.get_data_struct())
     return {key: float(value) for key, value in result.items()}

@@ -73,8 +73,11 @@ class StreamRecommender(GeneralRecommender):
         return self.n_users_seen if users else self.n_items_seen
 
     def parameter_count(self) -> int:
-        """Parameters in use: (users seen + items seen) x embedding size."""
-        return (self.n_users_seen + self.n_items_seen) * self.embedding_size
+        """Parameters in use: (users seen + items seen) x embedding size.
+
+        RecBole's padding id 0 is not counted.
+        """
+        return (self.n_users_seen - 1 + self.n_items_seen - 1) * self.embedding_size
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._cache = None
@@ -213,7 +216,14 @@ class LightGCN(StreamRecommender):
         binary = matrix.copy().tocsr()
         binary.data[:] = 1.0
         self._graph = _Shared(normalized_adjacency(binary).to(self.device))
+        self._graph_source = _Shared(matrix)
         self._cache = None
+
+    @property
+    def graph_matrix(self) -> sp.csr_matrix:
+        """The matrix last given to :meth:`set_graph` (that object itself, not a copy), so a
+        checkpoint can name the stage whose training pairs form the graph."""
+        return self._graph_source.value
 
     @property
     def adjacency(self) -> torch.Tensor:

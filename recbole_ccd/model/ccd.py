@@ -50,6 +50,26 @@ def check_spec(spec: Any, where: str) -> dict[str, Any]:
     return {"n_layers": 2, "seed": 0, **spec}
 
 
+CCD_MODES = ("ccd", "distil_once")
+INIT_KINDS = ("random", "one_hop", "multi_hop")
+
+
+def validate_ccd_config(config: Any) -> None:
+    """Check CCD's own settings before any data is read; raise with what to fix."""
+    if config["ccd_mode"] not in CCD_MODES:
+        raise StreamConfigError(
+            f"ccd_mode must be one of {CCD_MODES}, got {config['ccd_mode']!r}.")
+    if config["init_kind"] not in INIT_KINDS:
+        raise StreamConfigError(
+            f"init_kind must be one of {INIT_KINDS}, got {config['init_kind']!r}.")
+    teachers = config["teachers"]
+    if not isinstance(teachers, list) or not teachers:
+        raise StreamConfigError("teachers must be a non-empty list of backbone specs.")
+    for spec in teachers:
+        check_spec(spec, "teachers")
+    check_spec(config["student"], "student")
+
+
 def build_backbone(config: Any, dataset: Any, spec: dict[str, Any]) -> StreamRecommender:
     """A backbone from a spec; its seed fixes the initial weights."""
     spec = check_spec(spec, "backbone")
@@ -103,10 +123,8 @@ class CCD(GeneralRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        teacher_specs = config["teachers"]
-        if not isinstance(teacher_specs, list) or not teacher_specs:
-            raise StreamConfigError("teachers must be a non-empty list of backbone specs.")
-        self.teacher_specs = [check_spec(s, "teachers") for s in teacher_specs]
+        validate_ccd_config(config)
+        self.teacher_specs = [check_spec(s, "teachers") for s in config["teachers"]]
         self.student_spec = check_spec(config["student"], "student")
         self.rank_exponent = config["ensemble_rank_exponent"]
         self.exact_rank_items = config["ensemble_exact_rank_items"]

@@ -41,20 +41,15 @@ import torch.nn.functional as F
 from recbole.utils import set_color
 from tqdm import tqdm
 
-from recbole_ccd.errors import StreamConfigError
 from recbole_ccd.evaluation import evaluate_scorer, model_scorer
 from recbole_ccd.model.backbones import StreamRecommender
-from recbole_ccd.model.ccd import CCD, build_backbone
+from recbole_ccd.model.ccd import CCD, build_backbone, validate_ccd_config
 from recbole_ccd.model.continual import StructureDistiller, ema_table, init_new_embeddings
 from recbole_ccd.model.ranking import (
     mask_scores, merge_replay, ranks_of_items, relaxed_ranking_loss, replay_weight, sample_replay,
     sample_uninteresting, topk_rows,
 )
 from recbole_ccd.trainer.stream import StreamLearner
-
-CCD_MODES = ("ccd", "distil_once")
-INIT_KINDS = ("random", "one_hop", "multi_hop")
-
 
 # ---------------------------------------------------------------------------------------------
 # small helpers
@@ -130,13 +125,9 @@ class CCDLearner(StreamLearner):
 
     def __init__(self, config, stages, output_dir):
         super().__init__(config, stages, output_dir)
+        validate_ccd_config(config)
         self.mode = config["ccd_mode"]
-        if self.mode not in CCD_MODES:
-            raise StreamConfigError(f"ccd_mode must be one of {CCD_MODES}, got {self.mode!r}.")
         self.init_kind = config["init_kind"]
-        if self.init_kind not in INIT_KINDS:
-            raise StreamConfigError(
-                f"init_kind must be one of {INIT_KINDS}, got {self.init_kind!r}.")
         self.valid_metric = config["valid_metric"].lower()
         self.ccd = CCD(config, stages[0].train).to(self.device)
         self.student = self.ccd.student          # S_k: the student that serves (evaluated)
@@ -176,7 +167,9 @@ class CCDLearner(StreamLearner):
         if k == 0:
             timed("teachers", self._train_base_teachers)
             timed("distil", lambda: self._distil(0))
-            self.student = self.distilled
+            # A copy: distil_once fine-tunes the student in place, and D_1 must stay D_1
+            # (and the checkpoint's two models must be two models, as after a resume).
+            self.student = copy.deepcopy(self.distilled)
             self.stability = copy.deepcopy(self.distilled)
             self.plasticity = copy.deepcopy(self.distilled)
         elif self.mode == "distil_once":
@@ -440,6 +433,23 @@ class CCDLearner(StreamLearner):
             proxy.eval()
             setattr(self, name, proxy)
 
+    def _replay_sources(self, k: int, with_student: bool) -> list[tuple]:
+        """(model, samples per user, mask training pairs?) of each enabled replay source.
+
+        The proxies' candidates have this and the previous stage's training pairs masked; the
+        updated student's (a source for the teachers only) are not.
+        """
+        if not self.config["replay"]:
+            return []
+        sources = []
+        if self.config["use_stability_proxy"]:
+            sources.append((self.stability, self.config["replay_stability_samples"], True))
+        if self.config["use_plasticity_proxy"] and k >= 2:
+            sources.append((self.plasticity, self.config["replay_plasticity_samples"], True))
+        if with_student:
+            sources.append((self.student, self.config["replay_student_samples"], False))
+        return sources
+
     def _replay_set(self, k: int, sources: list[tuple[StreamRecommender, int, bool]],
                     reference: StreamRecommender) -> tuple[torch.Tensor, ...]:
         """Proxy-guided replay samples for every old user of stage k.
@@ -517,12 +527,7 @@ class CCDLearner(StreamLearner):
         student = copy.deepcopy(self.distilled)
         self._grow(student, k)
 
-        sources = []
-        if self.config["replay"]:
-            if self.config["use_stability_proxy"]:
-                sources.append((self.stability, self.config["replay_stability_samples"], True))
-            if self.config["use_plasticity_proxy"] and k >= 2:
-                sources.append((self.plasticity, self.config["replay_plasticity_samples"], True))
+        sources = self._replay_sources(k, with_student=False)
         state: dict[str, tuple] = {}
         resample = max(1, self.config["replay_resample_every"])
 
@@ -580,15 +585,7 @@ class CCDLearner(StreamLearner):
                                                teacher.item_embedding.weight,
                                                batch_users, batch_items)
 
-            sources = []
-            if self.config["replay"] and use_student:
-                if self.config["use_stability_proxy"]:
-                    sources.append((self.stability, self.config["replay_stability_samples"],
-                                    True))
-                if self.config["use_plasticity_proxy"] and k >= 2:
-                    sources.append((self.plasticity, self.config["replay_plasticity_samples"],
-                                    True))
-                sources.append((self.student, self.config["replay_student_samples"], False))
+            sources = self._replay_sources(k, with_student=True) if use_student else []
             state: dict[str, tuple] = {}
             resample = max(1, self.config["replay_resample_every"])
 
@@ -609,11 +606,21 @@ class CCDLearner(StreamLearner):
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self):
+        def graph_stage(model):
+            # The LightGCN graph is always some stage's train_matrix() (one cached object per
+            # stage); which stage differs by model and mode (the proxies keep the graph of the
+            # student they were mixed from, distil_once's teachers keep stage 0's), so it is
+            # recorded rather than guessed on load. -1: no graph (MF).
+            source = getattr(model, "graph_matrix", None)
+            return next((j for j, stage in enumerate(self.stages)
+                         if source is not None and stage.train_matrix() is source), -1)
+
         def module_state(model):
             if model is None:
                 return None
             return {"weights": model.state_dict(),
-                    "seen": [model.n_users_seen, model.n_items_seen]}
+                    "seen": [model.n_users_seen, model.n_items_seen],
+                    "graph_stage": graph_stage(model)}
 
         return {
             "teachers": [module_state(t) for t in self.ccd.teachers],
@@ -628,26 +635,24 @@ class CCDLearner(StreamLearner):
     def load_state_dict(self, state):
         k = state["current"]
         self.current = k
-        graph = self.stages[k].train_matrix()
-        previous_graph = self.stages[max(k - 1, 0)].train_matrix()
 
-        def restore(model_state, graph_matrix, template=None):
+        def restore(model_state, template=None):
             if model_state is None:
                 return None
             model = template or build_backbone(self.config, self.stages[0].train,
                                                self.ccd.student_spec).to(self.device)
             model.load_state_dict(model_state["weights"])
-            model.set_stage(*model_state["seen"], graph_matrix, init_new_rows=False)
+            graph_stage = model_state["graph_stage"]
+            graph = self.stages[graph_stage].train_matrix() if graph_stage >= 0 else None
+            model.set_stage(*model_state["seen"], graph, init_new_rows=False)
             model.eval()
             return model
 
         for teacher, teacher_state in zip(self.ccd.teachers, state["teachers"]):
-            restore(teacher_state, graph, teacher)
-        self.student = restore(state["student"], graph)
-        self.distilled = restore(state["distilled"], graph)
-        # The proxies keep the graph of the distilled student they were mixed from.
-        proxy_graph = previous_graph if k >= 1 else graph
-        self.stability = restore(state["stability"], proxy_graph)
-        self.plasticity = restore(state["plasticity"], proxy_graph)
+            restore(teacher_state, teacher)
+        self.student = restore(state["student"])
+        self.distilled = restore(state["distilled"])
+        self.stability = restore(state["stability"])
+        self.plasticity = restore(state["plasticity"])
         self.ccd.student = self.student
         self.generator.set_state(state["generator"])

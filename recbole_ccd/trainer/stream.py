@@ -124,6 +124,9 @@ class SingleModelLearner(StreamLearner):
 
     def load_state_dict(self, state):
         self.model.load_state_dict(state["model"])
+        if isinstance(self.model, StreamRecommender):
+            # The restored rows count as seen: the next stage initialises only its new rows.
+            self.model.set_stage(*state["seen"], init_new_rows=False)
 
 
 def _csr(dataset):
@@ -198,7 +201,10 @@ class StreamRunner:
     # -- the loop ------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
         start = self.restore() if resume else 0
-        for k in range(start, len(self.stages)):
+        last = len(self.stages)
+        if self.config["stages_to_run"]:
+            last = min(last, int(self.config["stages_to_run"]))
+        for k in range(start, last):
             stage = self.stages[k]
             self.logger.info(set_color(
                 f"Stage {k}/{len(self.stages) - 1}: {len(stage.train)} train interactions, "
@@ -211,7 +217,7 @@ class StreamRunner:
             timing["evaluate"] = time.time() - eval_start
             self.timing[f"stage_{k}"] = {key: round(v, 3) for key, v in timing.items()}
             self.save(k)
-        summary = self.to_dict(len(self.stages) - 1)
+        summary = self.to_dict(last - 1)
         self.log_summary(summary)
         return summary
 
