@@ -64,10 +64,21 @@ def evaluate_scorer(
 
 
 def model_scorer(model: torch.nn.Module) -> Scorer:
-    """Scorer of a RecBole model through its ``full_sort_predict``."""
+    """Scorer of a RecBole model through its ``full_sort_predict``.
+
+    Models without one are scored with ``predict`` on every (user, item) pair, as RecBole's
+    trainer does.
+    """
 
     def score(interaction: Interaction) -> torch.Tensor:
-        return model.full_sort_predict(interaction).view(len(interaction), -1)
+        try:
+            return model.full_sort_predict(interaction).view(len(interaction), -1)
+        except NotImplementedError:
+            users = interaction[model.USER_ID]
+            items = torch.arange(model.n_items, device=users.device)
+            pairs = Interaction({model.USER_ID: users.repeat_interleave(model.n_items),
+                                 model.ITEM_ID: items.repeat(len(users))})
+            return model.predict(pairs).view(len(users), -1)
 
     return score
 

@@ -92,3 +92,41 @@ def test_finetune_resume_gives_the_uninterrupted_results(tmp_path, model):
 
     assert resumed["completed_stages"] == 3
     assert resumed["results"] == whole["results"]
+
+
+def test_recbole_model_is_rebuilt_on_each_stage_and_keeps_its_weights(tmp_path, monkeypatch):
+    """MultiVAE reads the users' histories when it is built: with finetune it must be rebuilt
+    on each stage's train split and start from the previous stage's weights."""
+    import torch
+
+    from recbole_ccd.config import CCDConfig
+    from recbole_ccd.data import build_stages, create_stream_dataset
+    from recbole_ccd.trainer.stream import SingleModelLearner
+
+    write_inter(tmp_path, "tiny", random_rows(40, 60, 1200, seed=2, min_per_user=15))
+    settings = {**TEST_SETTINGS, "data_path": str(tmp_path), "stage_incremental": 1,
+                "stream_strategy": "finetune", "epochs": 1}
+    config = CCDConfig(model="MultiVAE", dataset="tiny", config_dict=settings)
+    stages = build_stages(config, create_stream_dataset(config))
+    learner = SingleModelLearner(config, stages, str(tmp_path / "out"))
+
+    learner.learn_stage(0)
+    after_stage_0 = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    built_before = learner.model
+    # With training switched off, stage 1 must start from exactly stage 0's weights.
+    monkeypatch.setattr("recbole_ccd.trainer.stream.StreamTrainer.fit",
+                        lambda self, *args, **kwargs: None)
+    learner.learn_stage(1)
+    assert learner.model is not built_before
+    for key, value in learner.model.state_dict().items():
+        assert torch.equal(value, after_stage_0[key])
+
+    # The model's histories are stage 1's train items, per user (set comparison).
+    users, items = stages[1].train_pairs()
+    expected = {}
+    for u, i in zip(users.tolist(), items.tolist()):
+        expected.setdefault(u, set()).add(i)
+    history = learner.model.history_item_id
+    for user, wanted in expected.items():
+        got = set(history[user].tolist()) - {0}
+        assert got == wanted

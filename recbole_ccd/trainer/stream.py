@@ -79,20 +79,30 @@ class SingleModelLearner(StreamLearner):
         self.model_class = get_model(config["model"])
         self.model = self._new_model()
 
-    def _new_model(self) -> torch.nn.Module:
-        return self.model_class(self.config, self.stages[0].train).to(self.device)
+    def _new_model(self, train=None) -> torch.nn.Module:
+        train = self.stages[0].train if train is None else train
+        return self.model_class(self.config, train).to(self.device)
 
     def learn_stage(self, k):
         stage = self.stages[k]
         start = time.time()
-        if self.config["stream_strategy"] == "retrain":
-            self.model = self._new_model()
+        retrain = self.config["stream_strategy"] == "retrain"
+        train = stage.train
+        if retrain:
             train = self.stages[0].train.copy(
                 cat_interactions([s.train.inter_feat for s in self.stages[: k + 1]]))
-        else:
-            train = stage.train
         if isinstance(self.model, StreamRecommender):
+            if retrain:
+                self.model = self._new_model()
             self.model.set_stage(stage.n_users, stage.n_items, _csr(train))
+        else:
+            # A RecBole model reads its dataset-derived structures (histories, graphs) when
+            # it is built, so it is rebuilt on this stage's data; with finetune the previous
+            # stage's weights are carried over.
+            previous = None if retrain or k == 0 else self.model.state_dict()
+            self.model = self._new_model(train)
+            if previous is not None:
+                self.model.load_state_dict(previous)
 
         trainer = StreamTrainer(self.config, self.model, stage.n_items,
                                 os.path.join(self.output_dir, "tensorboard", f"stage_{k}"))
