@@ -286,6 +286,42 @@ def test_teacher_scores_match_hand_computed_rank_ensemble(data_dir):
     assert torch.all(scores[:, 0] < scores[:, 1:5].min(dim=1).values)
 
 
+def test_top_only_ensemble_matches_the_full_one_where_it_matters(data_dir):
+    """``full=False`` scores each teacher's top items as the full ensemble does, gives every
+    other item the bound (exact_top + 1)^-e, and so has the same top items."""
+    config, _ = load_stream(data_dir, stage_incremental=0, stage_base_ratio=1.0,
+                            ensemble_exact_rank_items=10, ensemble_exact_top=8, teachers=[
+                                {"model": "MF", "embedding_size": 4, "seed": s}
+                                for s in range(3)])
+    ccd = CCD(config, create_stream_dataset(config))
+    with torch.no_grad():
+        base = torch.randn(ccd.n_items, 4, generator=torch.Generator().manual_seed(3))
+        for teacher in ccd.teachers:  # correlated teachers, as trained ones are
+            teacher.user_embedding.weight.normal_(generator=torch.Generator().manual_seed(1))
+            teacher.item_embedding.weight.copy_(base + 0.3 * torch.randn_like(base))
+    ccd.eval()
+    users = torch.arange(1, ccd.n_users)
+    n_seen = ccd.n_items
+    full = ccd.teacher_scores(users, n_seen, full=True)
+    top_only = ccd.teacher_scores(users, n_seen, full=False)
+
+    bound = 9.0 ** -EXPONENT
+    candidates = torch.zeros_like(full, dtype=torch.bool)
+    for teacher in ccd.teachers:
+        index = torch.topk(teacher.score_users(users)[:, 1:], 8, dim=1).indices + 1
+        candidates.scatter_(1, index, True)
+    torch.testing.assert_close(top_only[candidates], full[candidates], rtol=0, atol=1e-6)
+    others = top_only[:, 1:][~candidates[:, 1:]]
+    torch.testing.assert_close(others, torch.full_like(others, bound), rtol=0, atol=1e-6)
+    assert torch.all(full[:, 1:][~candidates[:, 1:]] <= bound + 1e-6)
+    # the top-5 lists agree wherever the 5th best candidate is above the bound
+    k = 5
+    sure = torch.topk(full, k, dim=1).values[:, -1] > bound
+    assert sure.sum() > len(users) // 2
+    assert torch.equal(torch.topk(full[sure], k, dim=1).indices.sort(1).values,
+                       torch.topk(top_only[sure], k, dim=1).indices.sort(1).values)
+
+
 def _true_ranks(scores: torch.Tensor) -> np.ndarray:
     """0-based descending ranks per row, computed with numpy (no ties in the test data)."""
     order = np.argsort(-scores.numpy(), axis=1, kind="stable")

@@ -143,7 +143,8 @@ class CCDLearner(StreamLearner):
             return model_scorer(self.student)
         n_items = self.stages[self.current].n_items
         uid = self.stages[0].uid_field
-        return lambda interaction: self.ccd.teacher_scores(interaction[uid], n_items)
+        return lambda interaction: self.ccd.teacher_scores(interaction[uid], n_items,
+                                                           full=False)
 
     def eval_mode(self):
         self.ccd.eval()
@@ -258,9 +259,12 @@ class CCDLearner(StreamLearner):
 
         return score
 
-    def _ensemble_fn(self, n_items: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _ensemble_fn(self, n_items: int, full: bool = False
+                     ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The teacher system's scores; ``full=False`` is exact only near the top."""
         self.ccd.eval()
-        return lambda users: self.ccd.teacher_scores(users.to(self.device), n_items).cpu()
+        return lambda users: self.ccd.teacher_scores(users.to(self.device), n_items,
+                                                     full=full).cpu()
 
     def _topk_csr(self, score_fn, users: torch.Tensor, k: int, n_items: int,
                   mask: sp.csr_matrix | None = None) -> sp.csr_matrix:
@@ -279,7 +283,7 @@ class CCDLearner(StreamLearner):
         train = stage.train_matrix()
         n_interesting = self.config["distill_interesting"]
         chunk = self.config["ccd_chunk_size"]
-        teacher_fn = self._ensemble_fn(stage.n_items)
+        teacher_fn = self._ensemble_fn(stage.n_items, full=True)
 
         # Interesting items per user and interesting users per item: the teacher system's
         # top lists with the stage's training pairs (and the padding item) masked out.
