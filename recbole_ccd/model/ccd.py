@@ -18,7 +18,7 @@ from torch import nn
 
 from recbole_ccd.errors import StreamConfigError
 from recbole_ccd.model.backbones import LightGCN, MF, StreamRecommender
-from recbole_ccd.model.ranking import rank_transform
+from recbole_ccd.model.ranking import estimated_ranks, rank_transform
 
 BACKBONES: dict[str, type[StreamRecommender]] = {"MF": MF, "LightGCN": LightGCN}
 
@@ -102,8 +102,10 @@ def approximate_rank_transform(
             items (then ``top_values``, the rows' ``exact_top`` best scores, descending, and
             ``n`` are given too); by default ``scores`` are the whole rows.
     """
-    rows = scores if row_scores is None else row_scores
-    n = rows.shape[1] if n is None else n
+    if row_scores is not None:
+        return (estimated_ranks(scores, row_scores, top_values, n) + 1).pow(-exponent)
+    rows = scores
+    n = rows.shape[1]
     top = min(exact_top, n)
     var, mean = torch.var_mean(rows, dim=1, correction=0, keepdim=True)
     # An infinite score makes its row's statistics non-finite: a free check for -inf.
@@ -120,16 +122,9 @@ def approximate_rank_transform(
     ranks = torch.sigmoid((mean - scores) * scale).mul_(n).clamp_(min=top, max=n - 1)
     if not all_finite:
         ranks = torch.where(torch.isfinite(scores), ranks, torch.full_like(ranks, n - 1))
-    if row_scores is None:
-        _, top_index = torch.topk(scores, top, dim=1)
-        exact = torch.arange(top, dtype=ranks.dtype, device=ranks.device)
-        ranks.scatter_(1, top_index, exact.expand(len(scores), -1))
-    else:
-        # Exact rank of an item in the top: how many top scores are strictly greater.
-        ascending = top_values.flip(1).contiguous()
-        greater = top - torch.searchsorted(ascending, scores.contiguous(), right=True)
-        in_top = scores >= top_values[:, -1:]
-        ranks = torch.where(in_top, greater.to(ranks.dtype), ranks)
+    _, top_index = torch.topk(scores, top, dim=1)
+    exact = torch.arange(top, dtype=ranks.dtype, device=ranks.device)
+    ranks.scatter_(1, top_index, exact.expand(len(scores), -1))
     return (ranks + 1).pow(-exponent)
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "sample_replay",
     "merge_replay",
     "ranks_of_items",
+    "estimated_ranks",
     "replay_weight",
 ]
 
@@ -703,6 +704,36 @@ def merge_replay(
 # --------------------------------------------------------------------------------------------
 # 9. ranks of given items
 # --------------------------------------------------------------------------------------------
+def estimated_ranks(
+    values: Tensor, rows: Tensor, top_values: Tensor, n: Optional[int] = None
+) -> Tensor:
+    """0-based ranks of ``values`` within their rows: exact near the top, estimated below.
+
+    A value among the row's top scores ``top_values`` (``[B, R]``, descending) gets its exact
+    rank (how many top scores are strictly greater). Below, the rank is estimated from the
+    value's z-score within the row, ``n * (1 - Phi(z))`` with the logistic approximation
+    ``Phi(z) ~ sigmoid(1.702 z)``, clamped to ``[R, n - 1]``. Avoids sorting whole rows, which
+    costs about 1.3 s per 256 rows of 41k items on 2 CPU cores. ``rows`` must be finite.
+
+    Args:
+        values: ``[B, m]`` scores whose ranks are wanted (taken from ``rows``).
+        rows: ``[B, n]`` whole score rows.
+        top_values: ``[B, R]`` each row's R best scores, descending.
+        n: number of ranked columns (default ``rows.shape[1]``).
+
+    Returns:
+        Float ranks ``[B, m]``.
+    """
+    n = rows.shape[1] if n is None else n
+    top = top_values.shape[1]
+    var, mean = torch.var_mean(rows, dim=1, correction=0, keepdim=True)
+    scale = 1.702 / var.sqrt().clamp(min=1e-12)
+    ranks = torch.sigmoid((mean - values) * scale).mul_(n).clamp_(min=top, max=n - 1)
+    ascending = top_values.flip(1).contiguous()
+    greater = top - torch.searchsorted(ascending, values.contiguous(), right=True)
+    return torch.where(values >= top_values[:, -1:], greater.to(ranks.dtype), ranks)
+
+
 def ranks_of_items(
     score_fn: ScoreFn,
     users: Tensor,
@@ -710,8 +741,12 @@ def ranks_of_items(
     n_items: Optional[int] = None,
     chunk_size: int = 1024,
     mask: Optional[sp.spmatrix] = None,
+    exact_top: Optional[int] = None,
 ) -> Tensor:
     """0-based rank of given items in each user's descending score list, chunked over users.
+
+    With ``exact_top`` (and no ``mask``), ranks below each row's top ``exact_top`` items are
+    estimated (:func:`estimated_ranks`) instead of sorting every row.
 
     ``rank(u, i) = #{ j : score(u, j) > score(u, i) }`` (ties share the better rank). Each row
     is sorted once and the item scores are located with ``searchsorted``.
@@ -738,6 +773,11 @@ def ranks_of_items(
         its = items[s0:s0 + chunk.numel()].to(scores.device)
         pad = its < 0
         target = torch.gather(scores, 1, its.clamp_min(0))
+        if exact_top is not None and mask is None and exact_top < scores.shape[1]:
+            top_values = torch.topk(scores, exact_top, dim=1).values
+            rank = estimated_ranks(target, scores, top_values).round().long()
+            out.append(rank.masked_fill(pad, -1))
+            continue
         if mask is not None:
             scores = mask_scores(scores.clone(), chunk, mask)
         asc = torch.sort(scores, dim=1).values

@@ -468,9 +468,13 @@ class CCDLearner(StreamLearner):
         reference_fn = self._score_fn(reference)
         n_ref_items = reference.n_items_seen
 
+        exact_top = (self.config["ensemble_exact_top"]
+                     if n_ref_items > self.config["ensemble_exact_rank_items"] else None)
+
         def reference_ranks(users, items):
             return ranks_of_items(reference_fn, users, items, n_items=n_ref_items,
-                                  chunk_size=self.config["ccd_chunk_size"])
+                                  chunk_size=self.config["ccd_chunk_size"],
+                                  exact_top=exact_top)
 
         parts = []
         for source, n_samples, masked in sources:
