@@ -93,7 +93,8 @@ def validate_stream_config(config: Config) -> None:
             f"got {ratios!r}."
         )
     if abs(sum(ratios) - 1.0) > 1e-6:
-        raise StreamConfigError(f"stage_split_ratios must add up to 1, got {ratios} = {sum(ratios)}.")
+        raise StreamConfigError(
+            f"stage_split_ratios must add up to 1, got {ratios} = {sum(ratios)}.")
     if min(ratios) <= 0:
         raise StreamConfigError(
             f"stage_split_ratios needs train, valid and test all > 0, got {ratios}."
@@ -110,7 +111,8 @@ def validate_stream_config(config: Config) -> None:
     else:
         base = config["stage_base_ratio"]
         n_incremental = config["stage_incremental"]
-        if not isinstance(n_incremental, int) or isinstance(n_incremental, bool) or n_incremental < 0:
+        if (not isinstance(n_incremental, int) or isinstance(n_incremental, bool)
+                or n_incremental < 0):
             raise StreamConfigError(
                 f"stage_incremental must be a non-negative integer, got {n_incremental!r}."
             )

@@ -140,7 +140,8 @@ class StreamResults:
     def from_dict(cls, data: dict) -> "StreamResults":
         results = cls()
         for role, body in data.items():
-            results.matrix[role] = {m: [list(r) for r in rows] for m, rows in body["matrix"].items()}
+            results.matrix[role] = {m: [list(r) for r in rows]
+                                    for m, rows in body["matrix"].items()}
             results.new_users[role] = {m: list(v) for m, v in body["new_users"].items()}
         return results
 

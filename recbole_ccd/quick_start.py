@@ -24,13 +24,19 @@ from recbole_ccd.trainer.stream import SingleModelLearner, StreamRunner
 INVOCATION_FILE = "invocation.json"
 
 
-def _setup_console_logging(level: int = logging.INFO) -> None:
+def remove_log_handlers() -> None:
+    """Close and remove the console and file handlers this module added to the root logger."""
     root = logging.getLogger()
-    root.setLevel(level)
     for handler in list(root.handlers):
         if getattr(handler, "_recbole_ccd", False):
             root.removeHandler(handler)
             handler.close()
+
+
+def _setup_console_logging(level: int = logging.INFO) -> None:
+    root = logging.getLogger()
+    root.setLevel(level)
+    remove_log_handlers()
     handler = logging.StreamHandler()
     handler.setFormatter(colorlog.ColoredFormatter(
         "%(log_color)s%(asctime)-15s %(levelname)s  %(message)s", "%d %b %H:%M",

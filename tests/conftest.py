@@ -7,7 +7,6 @@ written inside the repository) before a test builds a config.
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Iterable
@@ -62,11 +61,9 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["pytest"])
     yield tmp_path
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_recbole_ccd", False):
-            root.removeHandler(handler)
-            handler.close()
+    from recbole_ccd.quick_start import remove_log_handlers
+
+    remove_log_handlers()
 
 
 @pytest.fixture

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
-import math
 import random
 import sys
 from pathlib import Path
@@ -93,11 +91,9 @@ def settings(folder: Path, **overrides) -> dict:
 
 
 def _drop_plugin_log_handlers() -> None:
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_recbole_ccd", False):
-            root.removeHandler(handler)
-            handler.close()
+    from recbole_ccd.quick_start import remove_log_handlers
+
+    remove_log_handlers()
 
 
 @pytest.fixture
@@ -170,8 +166,8 @@ def run_recording(folder: Path, output: Path, **overrides) -> tuple[dict, list[d
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(StreamRunner, "save", save)
-        summary = run_stream(model="CCD", dataset=DATASET, config_dict=settings(folder, **overrides),
-                             output_dir=str(output))
+        summary = run_stream(model="CCD", dataset=DATASET,
+                             config_dict=settings(folder, **overrides), output_dir=str(output))
     return summary, live
 
 

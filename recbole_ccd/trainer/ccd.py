@@ -343,6 +343,17 @@ class CCDLearner(StreamLearner):
                 stage.n_items, stage.n_users, self.config["distill_uninteresting_users"],
                 uninteresting_forbidden.T.tocsr()[: stage.n_items], generator=self.generator)
 
+        def list_loss(anchors, table, top, uninteresting, uninteresting_valid, batch):
+            """Relaxed ranking loss of anchors [B, d] (users or items) over rows of ``table``:
+            their teacher-ordered ``top`` [B, K] ids against their sampled uninteresting ids."""
+            rows = batch.cpu()
+            negatives = uninteresting[rows].to(self.device)
+            top_scores = torch.einsum("bd,bkd->bk", anchors, table[top.clamp(min=0)])
+            neg_scores = torch.einsum("bd,bkd->bk", anchors, table[negatives])
+            return relaxed_ranking_loss(top_scores, neg_scores,
+                                        valid=uninteresting_valid[rows].to(self.device),
+                                        interesting_valid=top >= 0)
+
         interesting_items_d = interesting_items.to(self.device)
         best_users_d = best_users.to(self.device)
 
@@ -355,14 +366,8 @@ class CCDLearner(StreamLearner):
             batch = batch[interesting_items_d[batch, 0] >= 0]
             if len(batch) == 0:
                 return 0.0
-            u = user_all[batch]
-            top = interesting_items_d[batch]
-            neg_ids = samples["items"][batch.cpu()].to(self.device)
-            valid = samples["items_valid"][batch.cpu()].to(self.device)
-            top_scores = torch.einsum("bd,bkd->bk", u, item_all[top.clamp(min=0)])
-            neg_scores = torch.einsum("bd,bkd->bk", u, item_all[neg_ids])
-            return user_weight * relaxed_ranking_loss(top_scores, neg_scores, valid=valid,
-                                                      interesting_valid=top >= 0)
+            return user_weight * list_loss(user_all[batch], item_all, interesting_items_d[batch],
+                                           samples["items"], samples["items_valid"], batch)
 
         def after_epoch(model, optimizer, epoch):
             if (epoch + 1) % resample == 0:
@@ -375,14 +380,8 @@ class CCDLearner(StreamLearner):
             for start in range(0, len(items), self.config["distill_batch_size"]):
                 batch = items[start:start + self.config["distill_batch_size"]].to(self.device)
                 user_all, item_all = model()
-                v = item_all[batch]
-                top = best_users_d[batch]
-                neg_ids = samples["users"][batch.cpu()].to(self.device)
-                valid = samples["users_valid"][batch.cpu()].to(self.device)
-                top_scores = torch.einsum("bd,bkd->bk", v, user_all[top.clamp(min=0)])
-                neg_scores = torch.einsum("bd,bkd->bk", v, user_all[neg_ids])
-                loss = item_weight * relaxed_ranking_loss(top_scores, neg_scores, valid=valid,
-                                                          interesting_valid=top >= 0)
+                loss = item_weight * list_loss(item_all[batch], user_all, best_users_d[batch],
+                                               samples["users"], samples["users_valid"], batch)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
