@@ -35,6 +35,13 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def _usual_mode(path: str) -> None:
+    """Give a temporary file (created 0600) the permissions a plain ``open`` would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_atomic(obj: Any, path: str) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``.
 
@@ -46,6 +53,7 @@ def save_atomic(obj: Any, path: str) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        _usual_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -60,6 +68,7 @@ def write_text_atomic(text: str, path: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        _usual_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -6,12 +6,14 @@ import json
 import logging
 import os
 import sys
+import warnings
 from datetime import datetime
 from logging import getLogger
 
 from recbole_ccd import compat  # noqa: F401
 
 import colorlog
+import yaml
 from recbole.utils import init_seed
 from recbole.utils.logger import RemoveColorFilter, log_colors_config
 
@@ -53,6 +55,16 @@ def _add_file_logging(path: str) -> None:
     logging.getLogger().addHandler(handler)
 
 
+def check_new_output_dir(path: str) -> None:
+    """A new run needs an output folder that does not exist yet or is empty."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise StreamConfigError(f"--output_dir '{path}' is a file; give a folder.")
+    if os.path.isdir(path) and os.listdir(path):
+        raise StreamConfigError(
+            f"--output_dir '{path}' already holds files (an earlier run?): continue it with "
+            f"--resume={path}, or choose another --output_dir.")
+
+
 def default_output_dir(model: str, dataset: str) -> str:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return os.path.join("outputs", f"{model}-{dataset}-{stamp}")
@@ -87,6 +99,16 @@ def run_stream(
         The content of ``results.json``.
     """
     _setup_console_logging()
+    for path in config_file_list or []:
+        if not os.path.isfile(path):
+            raise StreamConfigError(f"config file '{path}' does not exist (--config_files).")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                yaml.safe_load(handle)
+        except yaml.YAMLError as error:
+            raise StreamConfigError(f"config file '{path}' is not valid yaml: {error}") from None
+    if output_dir is not None and resume is None:
+        check_new_output_dir(output_dir)
     if resume is not None:
         invocation_path = os.path.join(resume, INVOCATION_FILE)
         if not os.path.isfile(invocation_path):
@@ -106,7 +128,9 @@ def run_stream(
     stream_dataset = create_stream_dataset(config)
     stages = build_stages(config, stream_dataset)
 
-    output_dir = output_dir or default_output_dir(config["model"], config["dataset"])
+    if output_dir is None:
+        output_dir = default_output_dir(config["model"], config["dataset"])
+        check_new_output_dir(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     config["checkpoint_dir"] = os.path.join(output_dir, "checkpoints")
     _add_file_logging(os.path.join(output_dir, "run.log"))
@@ -117,8 +141,8 @@ def run_stream(
         write_text_atomic(json.dumps({"model": config["model"], "dataset": config["dataset"],
                                       "settings": settings}, indent=2, default=str),
                           os.path.join(output_dir, INVOCATION_FILE))
-    logger.info(f"{config['model']} on {config['dataset']}: {len(stages)} stages, output in "
-                f"{output_dir}")
+    logger.info(f"{config['model']} on {config['dataset']}: {len(stages)} stage"
+                f"{'s' if len(stages) > 1 else ''}, output in {output_dir}")
 
     init_seed(config["seed"], config["reproducibility"])
     learner = make_learner(config, stages, output_dir)
@@ -135,19 +159,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Run a RecBole model, or CCD, through the time-ordered stages of a dataset. "
                     "Any other --key=value is passed to RecBole's config.")
-    parser.add_argument("--model", "-m", default="CCD")
-    parser.add_argument("--dataset", "-d", default="ml-100k")
+    parser.add_argument("--model", "-m", default=None, help="default: CCD")
+    parser.add_argument("--dataset", "-d", default=None, help="default: ml-100k")
     parser.add_argument("--config_files", default=None,
                         help="space-separated yaml files, as in RecBole")
     parser.add_argument("--output_dir", default=None)
-    parser.add_argument("--resume", default=None, help="an earlier run's output folder")
-    args, _ = parser.parse_known_args(argv)
-    files = args.config_files.strip().split(" ") if args.config_files else None
+    parser.add_argument("--resume", default=None,
+                        help="an earlier run's output folder; its own settings are reused")
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    # RecBole 1.2.1 on current pandas/torch/numpy warns about its own code at every run
+    # (chained assignment, deprecated AMP and sparse APIs); none of it is actionable here.
+    warnings.filterwarnings("ignore", module=r"recbole(\.|$)")
+    # RecBole's Config reads --key=value from sys.argv: leave it only what is RecBole's.
+    sys.argv = sys.argv[:1] + rest
+    if args.resume is not None and (args.model or args.dataset or args.config_files
+                                    or args.output_dir or rest):
+        print("error: --resume continues a run with the settings it was started with "
+              f"({os.path.join(args.resume, INVOCATION_FILE)}); give no other options.",
+              file=sys.stderr)
+        return 2
+    files = args.config_files.strip().split() if args.config_files else None
     try:
-        result = run_stream(args.model, args.dataset, files, output_dir=args.output_dir,
-                            resume=args.resume)
+        result = run_stream(args.model or "CCD", args.dataset or "ml-100k", files,
+                            output_dir=args.output_dir, resume=args.resume)
     except StreamConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the stages completed so far are saved; continue with "
+              "--resume=<output folder>.", file=sys.stderr)
+        return 130
     print(f"results: {os.path.join(result['output_dir'], 'results.json')}")
     return 0

@@ -28,16 +28,16 @@ CASES = {
         ["d.inter", "timestamp:float"]),
     "non-numeric timestamp": (
         HEADER, [_line(r) for r in GOOD[:9]] + ["u1\ti2\tyesterday"] + [_line(r) for r in GOOD[9:]],
-        [], ["d.inter", "'timestamp'", "data line 11", "'yesterday'"]),
+        [], ["d.inter", "'timestamp'", "line 11 of the file", "'yesterday'"]),
     "empty timestamp": (
         HEADER, [_line(r) for r in GOOD] + ["u1\ti2\t"], [],
-        ["d.inter", "'timestamp'", "data line 302"]),
+        ["d.inter", "'timestamp'", "line 302 of the file"]),
     "empty user id": (
         HEADER, [_line(r) for r in GOOD[:4]] + ["\ti2\t5"] + [_line(r) for r in GOOD[4:]], [],
-        ["d.inter", "'user_id'", "data line 6"]),
+        ["d.inter", "'user_id'", "line 6 of the file"]),
     "NaN user id": (
         HEADER, [_line(r) for r in GOOD] + ["NaN\ti2\t99999"], [],
-        ["d.inter", "'user_id'", "data line 302"]),
+        ["d.inter", "'user_id'", "line 302 of the file"]),
     "dataset folder missing": (None, None, [], ["does not exist", "data_path"]),
     "unknown model": (HEADER, [_line(r) for r in GOOD], ["--model=NoSuchModel"],
                       ["unknown model", "NoSuchModel"]),
@@ -109,3 +109,34 @@ def test_good_input_passes_the_same_checks(tmp_path, make_config):
     config = make_config("d", model="BPR", data_path=str(tmp_path / "data"), stage_incremental=1)
     validate_stream_config(config)
     assert len(build_stages(config, create_stream_dataset(config))) == 2
+
+
+def test_cli_rejects_reused_output_folders_bad_config_files_and_resume_options(
+        tmp_path, monkeypatch, capsys):
+    from recbole_ccd.quick_start import main
+
+    monkeypatch.chdir(tmp_path)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "results.json").write_text("{}")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("epochs: [1, 2\n")
+    cases = [
+        ([f"--output_dir={used}"], ["already holds files", "--resume"]),
+        ([f"--output_dir={a_file}"], ["is a file"]),
+        (["--config_files=missing.yaml"], ["missing.yaml", "does not exist"]),
+        ([f"--config_files={bad_yaml}"], ["bad.yaml", "not valid yaml"]),
+        ([f"--resume={used}", "--epochs=3"], ["--resume", "no other options"]),
+    ]
+    for args, words in cases:
+        monkeypatch.setattr(sys, "argv", ["run_ccd.py", *args])
+        assert main() == 2, args
+        message = capsys.readouterr().err
+        assert message.startswith("error: ")
+        for word in words:
+            assert word in message, (args, message)
+    # nothing was written into the reused folder, and no new folder appeared
+    assert sorted(p.name for p in used.iterdir()) == ["results.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "bad.yaml", "used"]

@@ -72,8 +72,8 @@ def check_atomic_file(config: Config) -> str:
         if len(empty):
             raise StreamConfigError(
                 f"'{path}': field '{name}' is empty or NaN in {len(empty)} rows "
-                f"(first at data line {empty[0] + 2}); RecBole reads empty cells and tokens "
-                "such as 'nan', 'NA' or 'null' as missing."
+                f"(first at line {empty[0] + 2} of the file); RecBole reads empty cells and "
+                "tokens such as 'nan', 'NA' or 'null' as missing."
             )
     times = pd.to_numeric(table[time], errors="coerce").to_numpy(dtype=float)
     bad = np.flatnonzero(~np.isfinite(times))
@@ -82,7 +82,7 @@ def check_atomic_file(config: Config) -> str:
         shown = repr(first) if isinstance(first, str) else "empty or NA"
         raise StreamConfigError(
             f"'{path}': field '{time}' is missing or not a number in {len(bad)} rows "
-            f"(first at data line {bad[0] + 2}: {shown})."
+            f"(first at line {bad[0] + 2} of the file: {shown})."
         )
     return path
 

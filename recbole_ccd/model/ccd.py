@@ -20,6 +20,9 @@ from recbole_ccd.errors import StreamConfigError
 from recbole_ccd.model.backbones import LightGCN, MF, StreamRecommender
 from recbole_ccd.model.ranking import estimated_ranks, rank_transform
 
+# TODO: Mult-VAE teachers (the paper's Gowalla system has two) need a user-side table for
+# growth, initialisation and structure distillation; an adapter exposing the encoder's
+# item weights and a per-user latent table would let them join.
 BACKBONES: dict[str, type[StreamRecommender]] = {"MF": MF, "LightGCN": LightGCN}
 
 

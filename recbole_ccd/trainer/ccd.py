@@ -189,8 +189,7 @@ class CCDLearner(StreamLearner):
     def _fit(self, model: StreamRecommender, k: int, *, prefix: str,
              forbidden: sp.csr_matrix,
              batch_loss: Callable | None = None,
-             after_epoch: Callable | None = None,
-             extra_params: list[torch.nn.Parameter] | None = None) -> None:
+             after_epoch: Callable | None = None) -> None:
         """BPR training on stage ``k``'s train split with early stopping on its valid split.
 
         ``batch_loss(user_all, item_all, users, pos, neg)`` adds to each BPR step's loss;
@@ -200,8 +199,8 @@ class CCDLearner(StreamLearner):
         stage = self.stages[k]
         epochs = self.config[f"{prefix}_epochs"]
         batch_size = self.config[f"{prefix}_batch_size"]
-        params = list(model.parameters()) + list(extra_params or [])
-        optimizer = torch.optim.Adam(params, lr=self.config[f"{prefix}_learning_rate"],
+        optimizer = torch.optim.Adam(model.parameters(),
+                                     lr=self.config[f"{prefix}_learning_rate"],
                                      weight_decay=self.config["ccd_weight_decay"])
         users, items = stage.train_pairs()
         users_np = users.numpy()
@@ -343,6 +342,8 @@ class CCDLearner(StreamLearner):
                 stage.n_items, stage.n_users, self.config["distill_uninteresting_users"],
                 uninteresting_forbidden.T.tocsr()[: stage.n_items], generator=self.generator)
 
+        # The ranking terms score the student's final (propagated) representations; the
+        # authors' code used layer-0 embeddings for a LightGCN student.
         def list_loss(anchors, table, top, uninteresting, uninteresting_valid, batch):
             """Relaxed ranking loss of anchors [B, d] (users or items) over rows of ``table``:
             their teacher-ordered ``top`` [B, K] ids against their sampled uninteresting ids."""
@@ -568,6 +569,8 @@ class CCDLearner(StreamLearner):
             self.logger.info(f"  teacher {index}: {self.ccd.teacher_specs[index]}")
             teacher.eval()
             distiller = None
+            # TODO: personalised imitation weights and the clustering loss of the authors'
+            # teacher regulariser are left out; every user imitates with weight 1.
             if self.config["teacher_structure_weight"] > 0:
                 distiller = StructureDistiller(
                     teacher.user_embedding.weight[: stage.n_users_before].detach().cpu(),
