@@ -285,7 +285,9 @@ class CCDLearner(StreamLearner):
         teacher_fn = self._ensemble_fn(stage.n_items, full=True)
 
         # Interesting items per user and interesting users per item: the teacher system's
-        # top lists with the stage's training pairs (and the padding item) masked out.
+        # top lists with the stage's training pairs (and the padding item) masked out. Both
+        # come from one scan over user chunks (topk_rows + topk_columns would score the
+        # whole ensemble twice, the costliest step on a large catalogue).
         active = torch.from_numpy(np.flatnonzero(np.diff(train.indptr) > 0))
         all_users = torch.arange(1, stage.n_users)
         blocked = union(train, sp.csr_matrix((np.ones(shape[0]), (np.arange(shape[0]),
