@@ -75,6 +75,13 @@ def union(*matrices: sp.csr_matrix | None) -> sp.csr_matrix:
     return total
 
 
+def padding_mask(users: torch.Tensor | np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """csr that forbids RecBole's padding item 0 to each of ``users``."""
+    users = np.asarray(users)
+    return sp.csr_matrix((np.ones(len(users), dtype=np.float32), (users, np.zeros(len(users)))),
+                         shape=shape)
+
+
 def topk_to_csr(users: torch.Tensor, items: torch.Tensor, shape) -> sp.csr_matrix:
     """csr of the pairs (users[r], items[r, c]) of a top-k table."""
     return pairs_to_csr(users[:, None].expand_as(items), items, shape)
@@ -269,9 +276,8 @@ class CCDLearner(StreamLearner):
                   mask: sp.csr_matrix | None = None) -> sp.csr_matrix:
         """csr [user_num, item_num] of each user's top-``k`` items (id 0 excluded)."""
         shape = self.stages[0].train_matrix().shape
-        pad = sp.csr_matrix(([1.0] * len(users), (users.numpy(), [0] * len(users))), shape=shape)
-        _, top = topk_rows(score_fn, users, k, mask=union(mask, pad) if mask is not None
-                           else pad, chunk_size=self.config["ccd_chunk_size"], n_items=n_items)
+        _, top = topk_rows(score_fn, users, k, mask=union(mask, padding_mask(users, shape)),
+                           chunk_size=self.config["ccd_chunk_size"], n_items=n_items)
         return topk_to_csr(users, top, shape)
 
     # -- stage "distil": student generation by relaxed ranking distillation --------------------
@@ -290,9 +296,7 @@ class CCDLearner(StreamLearner):
         # whole ensemble twice, the costliest step on a large catalogue).
         active = torch.from_numpy(np.flatnonzero(np.diff(train.indptr) > 0))
         all_users = torch.arange(1, stage.n_users)
-        blocked = union(train, sp.csr_matrix((np.ones(shape[0]), (np.arange(shape[0]),
-                                                                  np.zeros(shape[0]))),
-                                             shape=shape))
+        blocked = union(train, padding_mask(np.arange(shape[0]), shape))
         interesting_items = torch.full((shape[0], n_interesting), -1, dtype=torch.long)
         best_users = torch.full((stage.n_items, n_interesting), -1, dtype=torch.long)
         best_values = torch.full((stage.n_items, n_interesting), -torch.inf)
@@ -478,14 +482,12 @@ class CCDLearner(StreamLearner):
                                   chunk_size=self.config["ccd_chunk_size"],
                                   exact_top=exact_top)
 
+        pad = padding_mask(old_users, mask.shape)
         parts = []
         for source, n_samples, masked in sources:
             if n_samples <= 0:
                 continue
             n_items = min(source.n_items_seen, n_ref_items)
-            pad = sp.csr_matrix((np.ones(len(old_users)), (old_users.numpy(),
-                                                          np.zeros(len(old_users)))),
-                                shape=mask.shape)
             values, top = topk_rows(self._score_fn(source), old_users,
                                     self.config["replay_top_a"],
                                     mask=union(mask, pad) if masked else pad,
