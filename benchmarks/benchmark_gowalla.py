@@ -7,6 +7,7 @@ Each part runs in a fresh process and prints its figures; nothing here is a test
     python benchmarks/benchmark_gowalla.py bpr          # BPR finetune through every stage
     python benchmarks/benchmark_gowalla.py distil       # CCD stage 0: teachers + distillation
     python benchmarks/benchmark_gowalla.py ccd          # the whole CCD stream
+    python benchmarks/benchmark_gowalla.py ccd --output_dir=outputs/compare-gowalla/ccd
 
 Extra ``--key=value`` flags go to the config (e.g. ``--epochs=1``).
 """
@@ -89,10 +90,13 @@ def bench_lightgcn(dataset: str, overrides: dict) -> None:
           f"{config['embedding_size']}): {time.time() - start:.1f} s")
 
 
+OUTPUT_DIR = None  # --output_dir (a new folder); a temporary one by default
+
+
 def run_stream(model: str, dataset: str, overrides: dict) -> None:
     from recbole_ccd.quick_start import run_stream as run
 
-    output = tempfile.mkdtemp(prefix=f"bench-{model}-")
+    output = OUTPUT_DIR or tempfile.mkdtemp(prefix=f"bench-{model}-")
     start = time.time()
     summary = run(model, dataset, config_dict={"show_progress": False, **overrides},
                   output_dir=output)
@@ -134,7 +138,11 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=[*PARTS, "all"])
     parser.add_argument("--dataset", default="gowalla")
+    parser.add_argument("--output_dir", default=None,
+                        help="new folder for a stream's results (e.g. for compare.py's --root)")
     args, extra = parser.parse_known_args()
+    global OUTPUT_DIR
+    OUTPUT_DIR = args.output_dir
     if args.part == "all":
         for part in ("evaluate", "lightgcn", "bpr"):
             subprocess.run([sys.executable, __file__, part, f"--dataset={args.dataset}",

@@ -405,3 +405,20 @@ def test_estimated_ranks_are_exact_in_the_top_and_close_below():
     approx = ranks_of_items(lambda u: rows[u], torch.arange(20), items, exact_top=50)
     assert torch.equal(exact, true.gather(1, items))
     assert (approx - exact).abs().max() <= 0.03 * 3000
+
+
+def test_row_mean_var_matches_a_float64_reference_and_flags_minus_inf():
+    from recbole_ccd.model.ranking import row_mean_var
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(5, 3000, generator=g) * 2.0 + 3.0
+    mean, var = row_mean_var(rows)
+    reference = rows.double()
+    assert torch.allclose(mean.double(), reference.mean(1, keepdim=True), rtol=1e-5)
+    assert torch.allclose(var.double(), reference.var(1, correction=0, keepdim=True), rtol=1e-4)
+    # hand-checked: [1, 2, 3, 6] has mean 3 and population variance (4 + 1 + 0 + 9) / 4 = 3.5
+    mean, var = row_mean_var(torch.tensor([[1.0, 2.0, 3.0, 6.0]]))
+    assert mean.item() == pytest.approx(3.0) and var.item() == pytest.approx(3.5)
+    rows[2, 7] = -torch.inf
+    _, var = row_mean_var(rows)
+    assert torch.isfinite(var[[0, 1, 3, 4]]).all() and not torch.isfinite(var[2]).any()

@@ -18,7 +18,7 @@ from torch import nn
 
 from recbole_ccd.errors import StreamConfigError
 from recbole_ccd.model.backbones import LightGCN, MF, StreamRecommender
-from recbole_ccd.model.ranking import estimated_ranks, rank_transform
+from recbole_ccd.model.ranking import estimated_ranks, rank_transform, row_mean_var
 
 # TODO: Mult-VAE teachers (the paper's Gowalla system has two) need a user-side table for
 # growth, initialisation and structure distillation; an adapter exposing the encoder's
@@ -110,7 +110,7 @@ def approximate_rank_transform(
     rows = scores
     n = rows.shape[1]
     top = min(exact_top, n)
-    var, mean = torch.var_mean(rows, dim=1, correction=0, keepdim=True)
+    mean, var = row_mean_var(rows)
     # An infinite score makes its row's statistics non-finite: a free check for -inf.
     all_finite = bool(torch.isfinite(var).all())
     if not all_finite:
@@ -122,13 +122,14 @@ def approximate_rank_transform(
     # 1 - Phi(z) ~ sigmoid(-1.702 z) (logistic approximation, error < 0.01), far cheaper
     # than the exact normal tail on a CPU.
     scale = 1.702 / var.sqrt().clamp(min=1e-12)
-    ranks = torch.sigmoid((mean - scores) * scale).mul_(n).clamp_(min=top, max=n - 1)
+    # In place after one allocation: these rows are the largest tensors of the ensemble.
+    ranks = (scores - mean).mul_(-scale).sigmoid_().mul_(n).clamp_(min=top, max=n - 1)
     if not all_finite:
         ranks = torch.where(torch.isfinite(scores), ranks, torch.full_like(ranks, n - 1))
     _, top_index = torch.topk(scores, top, dim=1)
     exact = torch.arange(top, dtype=ranks.dtype, device=ranks.device)
     ranks.scatter_(1, top_index, exact.expand(len(scores), -1))
-    return (ranks + 1).pow(-exponent)
+    return ranks.add_(1).pow_(-exponent)
 
 
 class CCD(GeneralRecommender):

@@ -143,6 +143,12 @@ class CCDLearner(StreamLearner):
         self.plasticity: StreamRecommender | None = None  # PP
         self.generator = torch.Generator().manual_seed(config["seed"])
         self.current = 0
+        # The teacher system's top items per user (rows = user ids, -1 = none), from the last
+        # distillation scan: the "top items of E_{k-1}" that stage k's negatives avoid.
+        self.teacher_top: torch.Tensor | None = None
+        # Top-k tables of models that stay fixed during a stage (keyed by what they were
+        # computed from) and masks; emptied at the start of every stage.
+        self._cache: dict = {}
 
     # -- what the runner reads -------------------------------------------------------------
     def scorer(self, role):
@@ -163,6 +169,7 @@ class CCDLearner(StreamLearner):
     # -- the stage ---------------------------------------------------------------------------
     def learn_stage(self, k):
         self.current = k
+        self._cache.clear()
         timing: dict[str, float] = {}
         stage = self.stages[k]
 
@@ -272,13 +279,33 @@ class CCDLearner(StreamLearner):
         return lambda users: self.ccd.teacher_scores(users.to(self.device), n_items,
                                                      full=full).cpu()
 
-    def _topk_csr(self, score_fn, users: torch.Tensor, k: int, n_items: int,
-                  mask: sp.csr_matrix | None = None) -> sp.csr_matrix:
-        """csr [user_num, item_num] of each user's top-``k`` items (id 0 excluded)."""
-        shape = self.stages[0].train_matrix().shape
-        _, top = topk_rows(score_fn, users, k, mask=union(mask, padding_mask(users, shape)),
-                           chunk_size=self.config["ccd_chunk_size"], n_items=n_items)
-        return topk_to_csr(users, top, shape)
+    def _model_top(self, model: StreamRecommender, users: torch.Tensor, k: int,
+                   mask: sp.csr_matrix | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, items) of each user's top-``k`` items of ``model`` outside ``mask`` and
+        the padding item; ``-1`` where a user has fewer allowed items.
+
+        Only for models that do not change during the current stage (proxies, the distilled
+        and the updated student): the result is cached until the next stage, and reused by
+        the negative exclusion, the student's replay and every teacher's replay.
+        """
+        key = (id(model), users[0].item() if len(users) else 0, len(users), k, id(mask))
+        if key not in self._cache:
+            shape = self.stages[0].train_matrix().shape
+            values, top = topk_rows(self._score_fn(model), users, k,
+                                    mask=union(mask, padding_mask(users, shape)),
+                                    chunk_size=self.config["ccd_chunk_size"],
+                                    n_items=model.n_items_seen)
+            top = torch.where(torch.isfinite(values), top, torch.full_like(top, -1))
+            # ``model`` and ``mask`` are kept so their ids cannot be reused within the stage.
+            self._cache[key] = (values, top, model, mask)
+        values, top, _, _ = self._cache[key]
+        return values, top
+
+    def _exclusion_csr(self, model: StreamRecommender, users: torch.Tensor,
+                       mask: sp.csr_matrix) -> sp.csr_matrix:
+        """csr of each user's top ``exclusion_topk`` items of ``model`` outside ``mask``."""
+        _, top = self._model_top(model, users, self.config["exclusion_topk"], mask)
+        return topk_to_csr(users, top, self.stages[0].train_matrix().shape)
 
     # -- stage "distil": student generation by relaxed ranking distillation --------------------
     def _distil(self, k: int) -> None:
@@ -294,18 +321,21 @@ class CCDLearner(StreamLearner):
         # top lists with the stage's training pairs (and the padding item) masked out. Both
         # come from one scan over user chunks (topk_rows + topk_columns would score the
         # whole ensemble twice, the costliest step on a large catalogue).
+        # The same scan gives the teacher system's top items for negative exclusion, here
+        # and in the next stage's updates (kept in ``self.teacher_top``).
         active = torch.from_numpy(np.flatnonzero(np.diff(train.indptr) > 0))
         all_users = torch.arange(1, stage.n_users)
         blocked = union(train, padding_mask(np.arange(shape[0]), shape))
-        interesting_items = torch.full((shape[0], n_interesting), -1, dtype=torch.long)
+        n_top = max(n_interesting, self.config["exclusion_topk"])
+        user_top = torch.full((shape[0], n_top), -1, dtype=torch.long)
         best_users = torch.full((stage.n_items, n_interesting), -1, dtype=torch.long)
         best_values = torch.full((stage.n_items, n_interesting), -torch.inf)
         for start in range(0, len(all_users), chunk):
             users = all_users[start:start + chunk]
             scores = mask_scores(teacher_fn(users)[:, :stage.n_items].clone(), users, blocked)
-            values, top = torch.topk(scores, min(n_interesting, stage.n_items - 1), dim=1)
+            values, top = torch.topk(scores, min(n_top, stage.n_items - 1), dim=1)
             top[~torch.isfinite(values)] = -1
-            interesting_items[users, : top.shape[1]] = top
+            user_top[users, : top.shape[1]] = top
             merged_values = torch.cat([best_values, scores.T], dim=1)
             merged_users = torch.cat([best_users, users.expand(stage.n_items, -1)], dim=1)
             keep = torch.topk(merged_values, n_interesting, dim=1).indices
@@ -315,17 +345,17 @@ class CCDLearner(StreamLearner):
         best_users[0] = -1
         is_active = torch.zeros(shape[0], dtype=torch.bool)
         is_active[active] = True
+        interesting_items = user_top[:, :n_interesting].clone()
         interesting_items[~is_active] = -1
+        self.teacher_top = user_top[:, : self.config["exclusion_topk"]].clone()
 
         # Items never to sample as negatives: the stage's positives and the top lists of the
-        # student side (stability/plasticity proxies and the updated student, k >= 1).
-        exclusion = [self._topk_csr(teacher_fn, all_users, self.config["exclusion_topk"],
-                                    stage.n_items, train)]
+        # teacher system and of the student side (stability/plasticity proxies and the
+        # updated student, k >= 1).
+        exclusion = [topk_to_csr(torch.arange(shape[0]), self.teacher_top, shape)]
         if k >= 1:
             for source in self._student_sources(k, include_student=True):
-                exclusion.append(self._topk_csr(self._score_fn(source), all_users,
-                                                self.config["exclusion_topk"],
-                                                min(stage.n_items, source.n_items_seen), train))
+                exclusion.append(self._exclusion_csr(source, all_users, train))
         interesting_csr = topk_to_csr(torch.arange(shape[0]), interesting_items, shape)
         interesting_users_csr = pairs_to_csr(best_users,
                                              torch.arange(stage.n_items)[:, None]
@@ -466,37 +496,43 @@ class CCDLearner(StreamLearner):
 
         ``sources`` holds (model, samples per user, mask the training pairs?). Candidates are
         each source's top-``replay_top_a`` items; items ranked much higher by the source than
-        by ``reference`` are favoured; labels are sigmoid of the source's score.
+        by ``reference`` are favoured; labels are sigmoid of the source's score. The
+        reference ranks of every source's candidates come from one scan of ``reference``.
         """
         stage = self.stages[k]
         old_users = torch.arange(1, stage.n_users_before)
-        mask = union(self.stages[k - 1].train_matrix(), stage.train_matrix())
-        reference_fn = self._score_fn(reference)
         n_ref_items = reference.n_items_seen
+        sources = [source for source in sources if source[1] > 0]
+        if not sources:
+            return ()
+        if "replay mask" not in self._cache:
+            self._cache["replay mask"] = union(self.stages[k - 1].train_matrix(),
+                                               stage.train_matrix())
+        tops = []
+        for source, _, masked in sources:
+            values, top = self._model_top(source, old_users, self.config["replay_top_a"],
+                                          self._cache["replay mask"] if masked else None)
+            # Only items the reference knows can be replayed against it.
+            top = torch.where(top < n_ref_items, top, torch.full_like(top, -1))
+            tops.append((values, top))
 
         exact_top = (self.config["ensemble_exact_top"]
                      if n_ref_items > self.config["ensemble_exact_rank_items"] else None)
-
-        def reference_ranks(users, items):
-            return ranks_of_items(reference_fn, users, items, n_items=n_ref_items,
-                                  chunk_size=self.config["ccd_chunk_size"],
-                                  exact_top=exact_top)
-
-        pad = padding_mask(old_users, mask.shape)
+        ranks = ranks_of_items(self._score_fn(reference), old_users,
+                               torch.cat([top for _, top in tops], dim=1),
+                               n_items=n_ref_items, chunk_size=self.config["ccd_chunk_size"],
+                               exact_top=exact_top)
         parts = []
-        for source, n_samples, masked in sources:
-            if n_samples <= 0:
-                continue
-            n_items = min(source.n_items_seen, n_ref_items)
-            values, top = topk_rows(self._score_fn(source), old_users,
-                                    self.config["replay_top_a"],
-                                    mask=union(mask, pad) if masked else pad,
-                                    chunk_size=self.config["ccd_chunk_size"], n_items=n_items)
-            top = torch.where(torch.isfinite(values), top, torch.full_like(top, -1))
+        width = self.config["replay_top_a"]
+        for index, ((_, n_samples, _), (values, top)) in enumerate(zip(sources, tops)):
+            columns = ranks[:, index * width: index * width + top.shape[1]]
+
+            def reference_ranks(users, items, columns=columns):
+                # sample_replay asks for the rows it samples from, by user id.
+                return columns[torch.searchsorted(old_users, users)]
+
             parts.append(sample_replay(reference_ranks, top, values, old_users, n_samples,
                                        eps=self.config["replay_eps"], generator=self.generator))
-        if not parts:
-            return ()
         return merge_replay(parts)
 
     def _replay_pass(self, model, optimizer, replay, weight: float) -> None:
@@ -518,15 +554,23 @@ class CCDLearner(StreamLearner):
 
     def _negative_exclusion(self, k: int, sources: list[StreamRecommender]) -> sp.csr_matrix:
         """Stage k's positives plus the top items of the previous teacher system and sources."""
-        stage, previous = self.stages[k], self.stages[k - 1]
+        stage = self.stages[k]
         old_users = torch.arange(1, stage.n_users_before)
-        top_k = self.config["exclusion_topk"]
-        parts = [stage.train_matrix(),
-                 self._topk_csr(self._ensemble_fn(previous.n_items), old_users, top_k,
-                                previous.n_items, previous.train_matrix())]
+        shape = stage.train_matrix().shape
+        if self.teacher_top is None:
+            # A checkpoint written before the top lists were kept: scan the ensemble again.
+            previous = self.stages[k - 1]
+            users = torch.arange(1, previous.n_users)
+            values, top = topk_rows(self._ensemble_fn(previous.n_items, full=True), users,
+                               self.config["exclusion_topk"],
+                               mask=union(previous.train_matrix(), padding_mask(users, shape)),
+                               chunk_size=self.config["ccd_chunk_size"], n_items=previous.n_items)
+            self.teacher_top = torch.full((shape[0], top.shape[1]), -1, dtype=torch.long)
+            self.teacher_top[users] = torch.where(torch.isfinite(values), top, -1)
+        parts = [stage.train_matrix(), topk_to_csr(torch.arange(len(self.teacher_top)),
+                                                   self.teacher_top, shape)]
         for source in sources:
-            parts.append(self._topk_csr(self._score_fn(source), old_users, top_k,
-                                        source.n_items_seen, stage.train_matrix()))
+            parts.append(self._exclusion_csr(source, old_users, stage.train_matrix()))
         return union(*parts)
 
     def _update_student(self, k: int) -> None:
@@ -642,6 +686,7 @@ class CCDLearner(StreamLearner):
             "distilled": module_state(self.distilled),
             "stability": module_state(self.stability),
             "plasticity": module_state(self.plasticity),
+            "teacher_top": self.teacher_top,
             "generator": self.generator.get_state(),
             "current": self.current,
         }
@@ -669,4 +714,5 @@ class CCDLearner(StreamLearner):
         self.stability = restore(state["stability"])
         self.plasticity = restore(state["plasticity"])
         self.ccd.student = self.student
+        self.teacher_top = state.get("teacher_top")
         self.generator.set_state(state["generator"])
