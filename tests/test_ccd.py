@@ -451,6 +451,70 @@ def test_checkpoints_restore_every_model_and_reproduce_the_last_row(three_stages
                         assert row[metric] == matrix[2][j], (role, j, metric)
 
 
+def test_kept_teacher_top_lists_are_the_ensembles_best_items_outside_training(three_stages):
+    """The top lists kept from a distillation scan (and checkpointed) are the teacher system's
+    best non-training items, checked against a dense sort of the tiny ensemble; a checkpoint
+    without them (an older layout) rescans the ensemble to the same lists."""
+    folder, out, _ = three_stages
+    config, stages, learner = restored_learner(folder, out, 1)
+    stage = stages[1]
+    kept = learner.teacher_top
+    users = torch.arange(1, stage.n_users)
+    scores = learner.ccd.teacher_scores(users, stage.n_items, full=True)[:, : stage.n_items]
+    train = torch.from_numpy(stage.train_matrix().toarray()[1: stage.n_users, : stage.n_items])
+    scores[train > 0] = -torch.inf
+    scores[:, 0] = -torch.inf
+    k = config["exclusion_topk"]
+    assert kept.shape == (stage.train_matrix().shape[0], k)
+    assert (kept[0] == -1).all()
+    checked = 0
+    for row, user in enumerate(users.tolist()):
+        items = kept[user][kept[user] >= 0]
+        allowed = int(torch.isfinite(scores[row]).sum())
+        assert len(items) == min(k, allowed)
+        assert torch.isfinite(scores[row, items]).all()
+        # the same scores as the best ones (ties may pick either item)
+        expected = torch.sort(scores[row], descending=True).values[: len(items)]
+        assert torch.equal(torch.sort(scores[row, items], descending=True).values, expected)
+        checked += len(items)
+    assert checked > 0
+
+    before = learner._negative_exclusion(2, [])
+    learner.teacher_top = None
+    after = learner._negative_exclusion(2, [])
+    assert (before != after).nnz == 0 and before.nnz > stages[2].train_matrix().nnz
+
+
+@pytest.mark.parametrize("inactive_pass", [False, True])
+def test_users_without_pairs_in_the_stage_learn_only_with_distill_inactive_users(
+        three_stages, inactive_pass):
+    """Without weight decay and item-side term, a user with no training pair in the stage gets
+    no gradient at all (no BPR batch, no graph edge), so its row keeps its initial value;
+    the extra pass of ``distill_inactive_users`` is then the only thing that moves it."""
+    folder, out, _ = three_stages
+    config, stages, learner = restored_learner(
+        folder, out, 1, ccd_weight_decay=0.0, distill_item_weight=0.0,
+        distill_inactive_users=inactive_pass)
+    stage = stages[1]
+    active = np.diff(stage.train_matrix().indptr)[: stage.n_users] > 0
+    inactive = np.flatnonzero(~active[1:]) + 1
+    assert len(inactive) > 0 and active.sum() > 0
+    captured = {}
+    fit = learner._fit
+
+    def recording_fit(model, k, **kwargs):
+        captured["before"] = model.user_embedding.weight.detach().clone()
+        return fit(model, k, **kwargs)
+
+    learner._fit = recording_fit
+    learner._distil(1)
+    before = captured["before"]
+    after = learner.distilled.user_embedding.weight.detach()
+    moved = (after[inactive] != before[inactive]).any(1)
+    assert bool(moved.all()) == inactive_pass and bool(moved.any()) == inactive_pass
+    assert (after[np.flatnonzero(active)] != before[np.flatnonzero(active)]).any(1).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. kill and resume
 # ---------------------------------------------------------------------------------------------

@@ -346,7 +346,15 @@ class CCDLearner(StreamLearner):
         is_active = torch.zeros(shape[0], dtype=torch.bool)
         is_active[active] = True
         interesting_items = user_top[:, :n_interesting].clone()
-        interesting_items[~is_active] = -1
+        # Users seen before but without training pairs in this stage never appear in a BPR
+        # batch; the authors' code gives them no user-side term (only the item side reaches
+        # them). With distill_inactive_users they get it in a pass of their own.
+        inactive = torch.from_numpy(np.setdiff1d(np.arange(1, stage.n_users), active.numpy()))
+        if self.config["distill_inactive_users"]:
+            inactive = inactive[interesting_items[inactive, 0] >= 0]
+        else:
+            interesting_items[~is_active] = -1
+            inactive = inactive[:0]
         self.teacher_top = user_top[:, : self.config["exclusion_topk"]].clone()
 
         # Items never to sample as negatives: the stage's positives and the top lists of the
@@ -406,22 +414,32 @@ class CCDLearner(StreamLearner):
             return user_weight * list_loss(user_all[batch], item_all, interesting_items_d[batch],
                                            samples["items"], samples["items_valid"], batch)
 
-        def after_epoch(model, optimizer, epoch):
-            if (epoch + 1) % resample == 0:
-                draw()
-            if item_weight == 0:
-                return
-            items = torch.arange(1, stage.n_items)
-            items = items[best_users[items, 0] >= 0]
-            items = items[torch.randperm(len(items))]
-            for start in range(0, len(items), self.config["distill_batch_size"]):
-                batch = items[start:start + self.config["distill_batch_size"]].to(self.device)
+        def list_pass(model, optimizer, ids: torch.Tensor, side: str) -> None:
+            """Steps of the list-wise term alone over ``ids`` (users or items)."""
+            ids = ids[torch.randperm(len(ids))]
+            for start in range(0, len(ids), self.config["distill_batch_size"]):
+                batch = ids[start:start + self.config["distill_batch_size"]].to(self.device)
                 user_all, item_all = model()
-                loss = item_weight * list_loss(item_all[batch], user_all, best_users_d[batch],
-                                               samples["users"], samples["users_valid"], batch)
+                if side == "user":
+                    loss = user_weight * list_loss(user_all[batch], item_all,
+                                                   interesting_items_d[batch], samples["items"],
+                                                   samples["items_valid"], batch)
+                else:
+                    loss = item_weight * list_loss(item_all[batch], user_all,
+                                                   best_users_d[batch], samples["users"],
+                                                   samples["users_valid"], batch)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+
+        def after_epoch(model, optimizer, epoch):
+            if (epoch + 1) % resample == 0:
+                draw()
+            if user_weight != 0 and len(inactive):
+                list_pass(model, optimizer, inactive, "user")
+            if item_weight != 0:
+                items = torch.arange(1, stage.n_items)
+                list_pass(model, optimizer, items[best_users[items, 0] >= 0], "item")
 
         draw()
         self._fit(student, k, prefix="distill", forbidden=negatives_forbidden,
@@ -481,11 +499,17 @@ class CCDLearner(StreamLearner):
         """
         if not self.config["replay"]:
             return []
+
+        def samples(name: str) -> int:
+            # the teachers' own count when set (the authors' T_update has its own flags)
+            own = self.config[f"teacher_{name}"] if with_student else None
+            return self.config[name] if own is None else own
+
         sources = []
         if self.config["use_stability_proxy"]:
-            sources.append((self.stability, self.config["replay_stability_samples"], True))
+            sources.append((self.stability, samples("replay_stability_samples"), True))
         if self.config["use_plasticity_proxy"] and k >= 2:
-            sources.append((self.plasticity, self.config["replay_plasticity_samples"], True))
+            sources.append((self.plasticity, samples("replay_plasticity_samples"), True))
         if with_student:
             sources.append((self.student, self.config["replay_student_samples"], False))
         return sources
