@@ -12,6 +12,8 @@ import recbole.trainer.trainer as recbole_trainer
 from recbole.trainer import Trainer
 from torch.utils.tensorboard import SummaryWriter
 
+from recbole_ccd.evaluation import reduce_to_candidates, topk_only
+
 
 class StreamTrainer(Trainer):
     """Trains one model on one stage with RecBole's ``fit`` and early stopping.
@@ -19,6 +21,9 @@ class StreamTrainer(Trainer):
     Differences to RecBole's trainer, each a narrow override:
 
     * items not seen up to the stage (id >= ``n_items_seen``) are never ranked in validation;
+    * with top-k metrics only, each batch reaches the collector as its rows' top items and
+      positives (:func:`~recbole_ccd.evaluation.reduce_to_candidates`), the same metrics at a
+      fraction of the cost on a large catalogue;
     * the best weights are kept in memory (``best_state``), not pickled with the config;
     * TensorBoard files go to ``tensorboard_dir`` instead of ``./log_tensorboard``.
     """
@@ -34,6 +39,9 @@ class StreamTrainer(Trainer):
     def _full_sort_batch_eval(self, batched_data):
         interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(batched_data)
         scores[:, self.n_items_seen:] = -torch.inf
+        if topk_only(self.eval_collector):
+            scores, positive_i = reduce_to_candidates(scores, positive_u, positive_i,
+                                                      max(self.config["topk"]))
         return interaction, scores, positive_u, positive_i
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
