@@ -23,6 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRIES = {
     "ccd": ("CCD", [], ["student", "teacher"]),
     "distil_once": ("CCD", ["--ccd_mode=distil_once"], ["student", "teacher"]),
+    "ccd_teachers_alone": ("CCD", ["--teacher_use_student_knowledge=False"], ["teacher"]),
     "student_finetune": ("LightGCN", ["--embedding_size=16", "--stream_strategy=finetune"],
                          ["model"]),
     "bpr_finetune": ("BPR", ["--stream_strategy=finetune"], ["model"]),
@@ -35,12 +36,32 @@ LABELS = {
     ("ccd", "teacher"): "CCD teacher system",
     ("distil_once", "student"): "distil once, then fine-tune: student",
     ("distil_once", "teacher"): "distil once: teacher system (stage 0 only)",
+    ("ccd_teachers_alone", "teacher"):
+        "teacher system updated without the student side (structure distillation only)",
     ("student_finetune", "model"): "fine-tuned student (LightGCN, 16 dims)",
     ("bpr_finetune", "model"): "RecBole BPR, finetune",
     ("bpr_retrain", "model"): "RecBole BPR, retrain",
     ("lightgcn_finetune", "model"): "LightGCN (64 dims), finetune",
     ("lightgcn_retrain", "model"): "LightGCN (64 dims), retrain",
 }
+
+
+# CCD's role -> the competitors it is measured against, stage by stage (the paper's "gain over
+# the best continual-learning competitor").
+GAINS = {
+    ("ccd", "student"): [("distil_once", "student"), ("student_finetune", "model")],
+    ("ccd", "teacher"): [("ccd_teachers_alone", "teacher")],
+}
+
+
+def gains(bodies: dict, ours: tuple, others: list, metric: str = "recall@20"):
+    """Per incremental stage: H-mean of ``ours`` minus the best H-mean among ``others``
+    (None when ``ours`` or every competitor is missing)."""
+    present = [bodies[o]["per_stage"][metric]["H-mean"] for o in others if o in bodies]
+    if ours not in bodies or not present:
+        return None
+    mine = bodies[ours]["per_stage"][metric]["H-mean"]
+    return [value - max(other[k] for other in present) for k, value in enumerate(mine)]
 
 
 def run_entry(name: str, dataset: str, root: str, extra: list[str]) -> dict:
@@ -88,19 +109,25 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     root = args.root or os.path.join("outputs", f"compare-{args.dataset}")
     os.makedirs(root, exist_ok=True)
-    rows = []
+    bodies = {}
     for name in args.only.split(","):
         results = run_entry(name, args.dataset, root, extra)
         for role in ENTRIES[name][2]:
-            rows.append((LABELS[(name, role)], results["results"][role]))
+            bodies[(name, role)] = results["results"][role]
+    rows = [(LABELS[key], body) for key, body in bodies.items()]
     metrics = ["recall@20", "ndcg@20"]
     print(table(rows, metrics))
-    per_stage = ["\nH-mean of recall@20 after each incremental stage:"]
+    lines = ["\nH-mean of recall@20 after each incremental stage:"]
     for label, body in rows:
         values = body["per_stage"]["recall@20"]["H-mean"]
-        per_stage.append(f"  {label}: " + ", ".join(fmt(v) for v in values))
-    print("\n".join(per_stage))
-
+        lines.append(f"  {label}: " + ", ".join(fmt(v) for v in values))
+    for ours, others in GAINS.items():
+        gain = gains(bodies, ours, others)
+        if gain is not None:
+            lines.append(f"\n{LABELS[ours]}, gain in H-mean of recall@20 over the best of "
+                         + " / ".join(LABELS[o] for o in others if o in bodies)
+                         + ", per stage: " + ", ".join(f"{g:+.4f}" for g in gain))
+    print("\n".join(lines))
 
 if __name__ == "__main__":
     main()
