@@ -665,12 +665,40 @@ def test_distil_once_keeps_the_teachers_of_stage_zero(data_dir):
         assert_same(snapshot(restored), live[k], f"stage {k}")
 
 
+@pytest.mark.parametrize("scope", ["stage", "history"])
+def test_lightgcn_graphs_follow_ccd_graph_and_survive_a_checkpoint(data_dir, scope):
+    """Every LightGCN of the stream propagates over the graph ``ccd_graph`` names, rebuilt
+    here from the stages' training pairs with numpy: after stage 1 the updated student and
+    the LightGCN teacher use stage 1's pairs (``stage``) or stages 0 and 1's (``history``);
+    D_1 and the proxies mixed from it keep stage 0's. Checkpoints restore the same graphs."""
+    out = data_dir / "out"
+    overrides = {"stage_incremental": 1, "ccd_graph": scope}
+    _, live = run_recording(data_dir, out, **overrides)
+    _, stages, learner = restored_learner(data_dir, out, 1, **overrides)
+    assert_same(snapshot(learner), live[1], "stage 1")
+
+    def pairs(matrix) -> set:
+        coo = matrix.tocoo()
+        return set(zip(coo.row.tolist(), coo.col.tolist()))
+
+    stage_0 = {(int(u), int(i)) for u, i in zip(*(t.numpy() for t in stages[0].train_pairs()))}
+    stage_1 = {(int(u), int(i)) for u, i in zip(*(t.numpy() for t in stages[1].train_pairs()))}
+    assert stage_0 - stage_1 and stage_1  # the two graphs differ on this data
+    expected = stage_1 if scope == "stage" else stage_0 | stage_1
+    assert pairs(learner.student.graph_matrix) == expected
+    assert pairs(learner.ccd.teachers[1].graph_matrix) == expected
+    for model in (learner.distilled, learner.stability, learner.plasticity):
+        assert pairs(model.graph_matrix) == stage_0
+    assert checkpoint(out, 1)["learner"]["student"]["graph_stage"] == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. bad CCD settings
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, setting", [
     ({"ccd_mode": "distil_twice"}, "ccd_mode"),
     ({"init_kind": "zero_hop"}, "init_kind"),
+    ({"ccd_graph": "everything"}, "ccd_graph"),
     ({"teachers": [{"model": "BPR", "embedding_size": 8}]}, "teachers"),
     ({"teachers": []}, "teachers"),
 ])

@@ -55,6 +55,7 @@ def check_spec(spec: Any, where: str) -> dict[str, Any]:
 
 CCD_MODES = ("ccd", "distil_once")
 INIT_KINDS = ("random", "one_hop", "multi_hop")
+GRAPH_SCOPES = ("stage", "history")
 
 
 def validate_ccd_config(config: Any) -> None:
@@ -62,6 +63,9 @@ def validate_ccd_config(config: Any) -> None:
     if config["ccd_mode"] not in CCD_MODES:
         raise StreamConfigError(
             f"ccd_mode must be one of {CCD_MODES}, got {config['ccd_mode']!r}.")
+    if config["ccd_graph"] not in GRAPH_SCOPES:
+        raise StreamConfigError(
+            f"ccd_graph must be one of {GRAPH_SCOPES}, got {config['ccd_graph']!r}.")
     if config["init_kind"] not in INIT_KINDS:
         raise StreamConfigError(
             f"init_kind must be one of {INIT_KINDS}, got {config['init_kind']!r}.")

@@ -149,6 +149,9 @@ class CCDLearner(StreamLearner):
         # Top-k tables of models that stay fixed during a stage (keyed by what they were
         # computed from) and masks; emptied at the start of every stage.
         self._cache: dict = {}
+        # LightGCN graphs per stage (``ccd_graph``), one object each: checkpoints record a
+        # model's graph by the stage it belongs to.
+        self._graphs: dict[int, sp.csr_matrix] = {}
 
     # -- what the runner reads -------------------------------------------------------------
     def scorer(self, role):
@@ -198,6 +201,20 @@ class CCDLearner(StreamLearner):
         for model in (self.student, *self.ccd.teachers):
             model.set_stage(stage.n_users, stage.n_items, None, init_new_rows=False)
         return timing
+
+    def _graph(self, k: int) -> sp.csr_matrix:
+        """The LightGCN graph of models trained on stage k.
+
+        ``ccd_graph: stage`` (the authors' protocol): stage k's train split alone, so users
+        without pairs in stage k propagate nothing and item representations follow the
+        stage's users. ``history``: the train splits of stages 0..k, so old users and items
+        keep their neighbourhoods from stage to stage.
+        """
+        if self.config["ccd_graph"] == "stage" or k == 0:
+            return self.stages[k].train_matrix()
+        if k not in self._graphs:
+            self._graphs[k] = union(self._graph(k - 1), self.stages[k].train_matrix())
+        return self._graphs[k]
 
     # -- a generic training loop ---------------------------------------------------------------
     def _fit(self, model: StreamRecommender, k: int, *, prefix: str,
@@ -262,7 +279,7 @@ class CCDLearner(StreamLearner):
         stage = self.stages[0]
         for index, teacher in enumerate(self.ccd.teachers):
             self.logger.info(f"  teacher {index}: {self.ccd.teacher_specs[index]}")
-            teacher.set_stage(stage.n_users, stage.n_items, stage.train_matrix())
+            teacher.set_stage(stage.n_users, stage.n_items, self._graph(0))
             self._fit(teacher, 0, prefix="teacher", forbidden=stage.train_matrix())
 
     # -- top-k helpers -------------------------------------------------------------------------
@@ -375,7 +392,7 @@ class CCDLearner(StreamLearner):
         uninteresting_forbidden = union(negatives_forbidden, interesting_users_csr)
 
         student = build_backbone(self.config, stage.train, self.ccd.student_spec).to(self.device)
-        student.set_stage(stage.n_users, stage.n_items, train)
+        student.set_stage(stage.n_users, stage.n_items, self._graph(k))
         user_weight = self.config["distill_user_weight"]
         item_weight = self.config["distill_item_weight"]
         resample = max(1, self.config["distill_resample_every"])
@@ -474,7 +491,7 @@ class CCDLearner(StreamLearner):
                     tau=self.config["init_tau"], mode=self.init_kind)
                 model.user_embedding.weight[stage.n_users_before: stage.n_users] = new_users
                 model.item_embedding.weight[stage.n_items_before: stage.n_items] = new_items
-        model.set_stage(stage.n_users, stage.n_items, stage.train_matrix(),
+        model.set_stage(stage.n_users, stage.n_items, self._graph(k),
                         init_new_rows=self.init_kind == "random")
 
     def _update_proxies(self, k: int) -> None:
@@ -692,13 +709,14 @@ class CCDLearner(StreamLearner):
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self):
         def graph_stage(model):
-            # The LightGCN graph is always some stage's train_matrix() (one cached object per
-            # stage); which stage differs by model and mode (the proxies keep the graph of the
-            # student they were mixed from, distil_once's teachers keep stage 0's), so it is
-            # recorded rather than guessed on load. -1: no graph (MF).
+            # The LightGCN graph is always some stage's _graph() (one object per stage); which
+            # stage differs by model and mode (the proxies keep the graph of the student they
+            # were mixed from, distil_once's teachers keep stage 0's), so it is recorded
+            # rather than guessed on load. -1: no graph (MF).
             source = getattr(model, "graph_matrix", None)
-            return next((j for j, stage in enumerate(self.stages)
-                         if source is not None and stage.train_matrix() is source), -1)
+            if source is None:
+                return -1
+            return next((j for j in range(len(self.stages)) if self._graph(j) is source), -1)
 
         def module_state(model):
             if model is None:
@@ -729,7 +747,7 @@ class CCDLearner(StreamLearner):
                                                self.ccd.student_spec).to(self.device)
             model.load_state_dict(model_state["weights"])
             graph_stage = model_state["graph_stage"]
-            graph = self.stages[graph_stage].train_matrix() if graph_stage >= 0 else None
+            graph = self._graph(graph_stage) if graph_stage >= 0 else None
             model.set_stage(*model_state["seen"], graph, init_new_rows=False)
             model.eval()
             return model
