@@ -94,7 +94,7 @@ def validate_stream_config(config: Config) -> None:
         )
     if abs(sum(ratios) - 1.0) > 1e-6:
         raise StreamConfigError(
-            f"stage_split_ratios must add up to 1, got {ratios} = {sum(ratios)}.")
+            f"stage_split_ratios must add up to 1, got {ratios} = {sum(ratios):g}.")
     if min(ratios) <= 0:
         raise StreamConfigError(
             f"stage_split_ratios needs train, valid and test all > 0, got {ratios}."

@@ -56,12 +56,15 @@ def reduce_to_candidates(
     scores: torch.Tensor, positive_u: torch.Tensor, positive_i: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shrink a score batch to what top-``k`` metrics read: each row's top ``k`` items, then
-    its positive items.
+    its positive items (only the order of the scores survives, not their values).
 
     RecBole's collector builds a dense int matrix of the batch's positives and sums it per
     row; on a catalogue of 41k items that costs more than scoring. On the reduced rows the
-    collector finds the same top ``k`` (the columns ``< k``, in the same order, up to ties) and
-    the same positives, so every top-k metric is unchanged.
+    collector finds the same top ``k`` (the columns ``< k``, in the order of
+    ``torch.topk(scores, k)``, which is what it computes on a full row) and the same positives,
+    so every top-k metric is unchanged. A positive outside the top ``k`` keeps its
+    column but scores -inf: with its own score it could tie with the ``k``-th item and
+    displace it, which the full row's top ``k`` did not do.
 
     Args:
         scores: ``[B, n_items]`` masked scores.
@@ -69,8 +72,8 @@ def reduce_to_candidates(
 
     Returns:
         ``(reduced [B, k + max positives per row], positive column [P])``: a positive inside
-        its row's top ``k`` points at that column (its own column is -inf), any other at its
-        own column after the top ``k``.
+        its row's top ``k`` points at that column, any other at its own column after the top
+        ``k``; every column after the top ``k`` is -inf.
     """
     n_rows = scores.shape[0]
     top_values, top_index = torch.topk(scores, min(k, scores.shape[1]), dim=1)
@@ -85,11 +88,12 @@ def reduce_to_candidates(
 
     reduced = torch.full((n_rows, k + width), -torch.inf, device=scores.device,
                          dtype=scores.dtype)
-    reduced[:, :k] = top_values
+    # Strictly decreasing stand-ins keep the top k's order where scores tie (the collector's
+    # own top k of a row with ties could list them in another order).
+    reduced[:, :k] = torch.arange(k, 0, -1, device=scores.device, dtype=scores.dtype)
     in_top = top_index[rows] == items[:, None]          # [P, k]
     hit = in_top.any(dim=1)
     column = torch.where(hit, in_top.float().argmax(dim=1), k + slot)
-    reduced[rows[~hit], column[~hit]] = scores[rows[~hit], items[~hit]]
     positive_column = torch.empty_like(column)
     positive_column[order] = column
     return reduced, positive_column

@@ -79,6 +79,30 @@ def make_learner(config, stages, output_dir):
     return SingleModelLearner(config, stages, output_dir)
 
 
+def read_config_files(paths: list[str] | None) -> dict:
+    """The settings of the ``--config_files`` yaml files, later files winning; each must
+    exist and hold ``key: value`` settings."""
+    settings: dict = {}
+    for path in paths or []:
+        if not os.path.isfile(path):
+            raise StreamConfigError(f"config file '{path}' does not exist (--config_files).")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                content = yaml.safe_load(handle)
+        except yaml.YAMLError as error:
+            raise StreamConfigError(f"config file '{path}' is not valid yaml: {error}") from None
+        if not isinstance(content, dict):
+            found = "nothing" if content is None else f"a {type(content).__name__}"
+            raise StreamConfigError(
+                f"config file '{path}' must hold 'key: value' settings; it holds {found}.")
+        settings.update(content)
+    return settings
+
+
+class StreamInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, with what was saved and how to continue."""
+
+
 def run_stream(
     model: str | None = None,
     dataset: str | None = None,
@@ -99,14 +123,7 @@ def run_stream(
         The content of ``results.json``.
     """
     _setup_console_logging()
-    for path in config_file_list or []:
-        if not os.path.isfile(path):
-            raise StreamConfigError(f"config file '{path}' does not exist (--config_files).")
-        try:
-            with open(path, encoding="utf-8") as handle:
-                yaml.safe_load(handle)
-        except yaml.YAMLError as error:
-            raise StreamConfigError(f"config file '{path}' is not valid yaml: {error}") from None
+    read_config_files(config_file_list)
     if output_dir is not None and resume is None:
         check_new_output_dir(output_dir)
     if resume is not None:
@@ -147,7 +164,14 @@ def run_stream(
     init_seed(config["seed"], config["reproducibility"])
     learner = make_learner(config, stages, output_dir)
     runner = StreamRunner(config, learner, stages, output_dir)
-    summary = runner.run(resume=resume is not None)
+    try:
+        summary = runner.run(resume=resume is not None)
+    except KeyboardInterrupt:
+        done = runner.last_completed_stage()
+        saved = f"stages 0-{done} are saved" if done >= 0 else "no stage had finished"
+        message = f"interrupted: {saved}; continue with --resume={output_dir}"
+        logger.warning(message)
+        raise StreamInterrupted(message) from None
     summary["output_dir"] = output_dir
     return summary
 
@@ -180,14 +204,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     files = args.config_files.strip().split() if args.config_files else None
     try:
-        result = run_stream(args.model or "CCD", args.dataset or "ml-100k", files,
-                            output_dir=args.output_dir, resume=args.resume)
+        # As in RecBole, model and dataset may also come from the config files.
+        from_files = read_config_files(files) if args.resume is None else {}
+        model = args.model or from_files.get("model") or "CCD"
+        dataset = args.dataset or from_files.get("dataset") or "ml-100k"
+        result = run_stream(model, dataset, files, output_dir=args.output_dir,
+                            resume=args.resume)
     except StreamConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except StreamInterrupted as interrupted:
+        print(interrupted, file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("interrupted: the stages completed so far are saved; continue with "
-              "--resume=<output folder>.", file=sys.stderr)
+        print("interrupted before any stage had started.", file=sys.stderr)
         return 130
     print(f"results: {os.path.join(result['output_dir'], 'results.json')}")
     return 0

@@ -38,7 +38,13 @@ CASES = {
     "NaN user id": (
         HEADER, [_line(r) for r in GOOD] + ["NaN\ti2\t99999"], [],
         ["d.inter", "'user_id'", "line 302 of the file"]),
+    "empty file": ("", [], [], ["d.inter", "is empty", "header"]),
     "dataset folder missing": (None, None, [], ["does not exist", "data_path"]),
+    "CCD epochs zero": (HEADER, [_line(r) for r in GOOD], ["--model=CCD", "--distill_epochs=0"],
+                        ["distill_epochs", "positive integer"]),
+    "CCD batch negative": (HEADER, [_line(r) for r in GOOD],
+                           ["--model=CCD", "--update_batch_size=-5"],
+                           ["update_batch_size", "positive integer"]),
     "unknown model": (HEADER, [_line(r) for r in GOOD], ["--model=NoSuchModel"],
                       ["unknown model", "NoSuchModel"]),
     "too few distinct timestamps": (
@@ -74,7 +80,7 @@ def test_bad_input_stops_before_training(case, tmp_path, monkeypatch, capsys):
     if header is not None:
         path = tmp_path / "data" / "d" / "d.inter"
         path.parent.mkdir(parents=True)
-        path.write_text("\n".join([header] + lines) + "\n", encoding="utf-8")
+        path.write_text("\n".join([header] + lines) + "\n" if header else "", encoding="utf-8")
 
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
@@ -123,11 +129,17 @@ def test_cli_rejects_reused_output_folders_bad_config_files_and_resume_options(
     a_file.write_text("x")
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("epochs: [1, 2\n")
+    empty_yaml = tmp_path / "empty.yaml"
+    empty_yaml.write_text("# nothing set\n")
+    list_yaml = tmp_path / "list.yaml"
+    list_yaml.write_text("- 1\n- 2\n")
     cases = [
         ([f"--output_dir={used}"], ["already holds files", "--resume"]),
         ([f"--output_dir={a_file}"], ["is a file"]),
         (["--config_files=missing.yaml"], ["missing.yaml", "does not exist"]),
         ([f"--config_files={bad_yaml}"], ["bad.yaml", "not valid yaml"]),
+        ([f"--config_files={empty_yaml}"], ["empty.yaml", "'key: value'", "holds nothing"]),
+        ([f"--config_files={list_yaml}"], ["list.yaml", "'key: value'", "holds a list"]),
         ([f"--resume={used}", "--epochs=3"], ["--resume", "no other options"]),
     ]
     for args, words in cases:
@@ -139,4 +151,5 @@ def test_cli_rejects_reused_output_folders_bad_config_files_and_resume_options(
             assert word in message, (args, message)
     # nothing was written into the reused folder, and no new folder appeared
     assert sorted(p.name for p in used.iterdir()) == ["results.json"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "bad.yaml", "used"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "bad.yaml", "empty.yaml",
+                                                          "list.yaml", "used"]

@@ -40,8 +40,8 @@ def test_hand_checked_rows():
     reduced, column = reduce_to_candidates(scores, torch.tensor([0, 0, 1]),
                                            torch.tensor([1, 3, 5]), 2)
     inf = float("-inf")
-    assert reduced.tolist() == [[pytest.approx(0.9), pytest.approx(0.8), inf, pytest.approx(0.1)],
-                                [pytest.approx(0.7), pytest.approx(0.6), pytest.approx(0.3), inf]]
+    # The top 2 become the stand-ins 2 > 1; positives outside the top stay -inf.
+    assert reduced.tolist() == [[2.0, 1.0, inf, inf], [2.0, 1.0, inf, inf]]
     # Item 1 is column 1 (inside the top); item 3 is row 0's second positive (column 2 + 1);
     # item 5 is row 1's first positive (column 2 + 0).
     assert column.tolist() == [1, 3, 2]
@@ -72,3 +72,20 @@ def test_only_topk_metrics_are_reduced():
     assert topk_only(Collector(CONFIG))
     assert not topk_only(Collector({**CONFIG, "metrics": ["Recall", "ItemCoverage"]}))
     assert not topk_only(Collector({**CONFIG, "metrics": ["GAUC"]}))
+
+
+def test_tied_scores_give_the_full_rows_metrics():
+    """Ties at the k-th place: a positive outside the full row's top k must not enter the
+    reduced row's top k (a model with constant scores must not look perfect)."""
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for values in (3, 1):  # scores in {0, 1, 2}, then all scores equal
+        scores = torch.randint(0, values, (6, 30), generator=generator).float()
+        pairs = torch.rand(6, 30, generator=generator) < 0.3
+        pairs[:, 2] |= ~pairs.any(dim=1)
+        positive_u, positive_i = pairs.nonzero(as_tuple=True)
+        batches.append((scores, positive_u, positive_i))
+    for batch in batches:
+        full, reduced = _metrics([batch], False), _metrics([batch], True)
+        for key in full:
+            assert reduced[key] == pytest.approx(full[key], abs=1e-9), key

@@ -44,13 +44,18 @@ def check_atomic_file(config: Config) -> str:
     if not os.path.isfile(path):
         raise StreamConfigError(f"'{path}' does not exist: the stream needs a .inter file.")
 
+    if os.path.getsize(path) == 0:
+        raise StreamConfigError(
+            f"'{path}' is empty: it needs a header line (e.g. "
+            "'user_id:token<TAB>item_id:token<TAB>timestamp:float') and one line per "
+            "interaction.")
     fields = _header_fields(path)
     uid, iid, time = config["USER_ID_FIELD"], config["ITEM_ID_FIELD"], config["TIME_FIELD"]
     for name, role in ((uid, "USER_ID_FIELD"), (iid, "ITEM_ID_FIELD"), (time, "TIME_FIELD")):
         if name not in fields:
             raise StreamConfigError(
                 f"'{path}' has no column '{name}' ({role}); its header declares "
-                f"{sorted(fields)}. Rename the column or set {role}."
+                f"{list(fields)}. Rename the column or set {role}."
             )
     if fields[time] != "float":
         raise StreamConfigError(
