@@ -170,10 +170,11 @@ class CCD(GeneralRecommender):
 
         Ranks are taken over the items seen so far (the padding item 0 ranks last); unseen
         items score 0. Up to ``ensemble_exact_rank_items`` items every rank is exact; above,
-        see :func:`approximate_rank_transform`. With ``full=False`` (enough for anything that
-        reads only the top of each user's list: evaluation, top-k exclusion) only the items
-        some teacher ranks in its top ``ensemble_exact_top`` are scored; every other item
-        gets the bound (exact_top + 1)^-0.05, which no such item can exceed.
+        see :func:`approximate_rank_transform`. With ``full=False`` only the items some
+        teacher ranks in its top ``ensemble_exact_top`` are scored and every other item gets
+        the bound (exact_top + 1)^-0.05, which no such item can exceed. Those items then tie,
+        and can outrank listed items that some teachers rank low, so the shortcut is not
+        used for evaluation (it changed top-50 metrics by up to 0.03 on Gowalla).
         """
         out = torch.zeros(len(users), self.n_items, device=users.device)
         scores = [t.score_users(users)[:, 1:n_items_seen] for t in self.teachers]

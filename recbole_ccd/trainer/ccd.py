@@ -159,8 +159,10 @@ class CCDLearner(StreamLearner):
             return model_scorer(self.student)
         n_items = self.stages[self.current].n_items
         uid = self.stages[0].uid_field
-        return lambda interaction: self.ccd.teacher_scores(interaction[uid], n_items,
-                                                           full=False)
+        # Every item scored (full=True): the top-only shortcut gives the items outside every
+        # teacher's top list one shared upper-bound score, which ties them and lets them
+        # outrank listed items, so top-50 metrics moved by up to 0.03 on Gowalla.
+        return lambda interaction: self.ccd.teacher_scores(interaction[uid], n_items)
 
     def eval_mode(self):
         self.ccd.eval()
