@@ -65,6 +65,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, Number) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def check_positive_ints(config: Any, keys: tuple[str, ...]) -> None:
+    """Each of ``keys`` must be set to a positive integer."""
+    for key in keys:
+        value = config[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise StreamConfigError(f"{key} must be a positive integer, got {value!r}.")
+
+
 def validate_stream_config(config: Config) -> None:
     """Check the stream settings before any data is read; raise with what to fix."""
     if config["MODEL_TYPE"] != ModelType.GENERAL:
@@ -138,7 +146,4 @@ def validate_stream_config(config: Config) -> None:
         from recbole_ccd.model.ccd import validate_ccd_config
 
         validate_ccd_config(config)
-    for key in ("epochs", "train_batch_size", "eval_batch_size"):
-        value = config[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise StreamConfigError(f"{key} must be a positive integer, got {value!r}.")
+    check_positive_ints(config, ("epochs", "train_batch_size", "eval_batch_size"))

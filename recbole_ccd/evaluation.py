@@ -76,8 +76,8 @@ def reduce_to_candidates(
         ``k``; every column after the top ``k`` is -inf.
     """
     n_rows = scores.shape[0]
-    top_values, top_index = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-    k = top_values.shape[1]
+    _, top_index = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+    k = top_index.shape[1]
     positive_u, positive_i = positive_u.to(scores.device), positive_i.to(scores.device)
     order = torch.argsort(positive_u, stable=True)
     rows, items = positive_u[order], positive_i[order]

@@ -114,7 +114,9 @@ def run_stream(
     """Run ``model`` through the time-ordered stages of ``dataset``.
 
     Args:
-        model, dataset, config_file_list, config_dict: as for RecBole's ``Config``.
+        model, dataset, config_file_list, config_dict: as for RecBole's ``Config``; model
+            and dataset default to what config_dict, then the config files, set, else CCD
+            on ml-100k.
         output_dir: folder for results, logs, checkpoints (default ``outputs/<model>-...``).
         resume: an earlier run's output folder; its settings are reused and the run
             continues after its last completed stage.
@@ -123,7 +125,11 @@ def run_stream(
         The content of ``results.json``.
     """
     _setup_console_logging()
-    read_config_files(config_file_list)
+    from_files = read_config_files(config_file_list)
+    # As in RecBole, model and dataset may also come from the settings or the config files.
+    model = model or (config_dict or {}).get("model") or from_files.get("model") or "CCD"
+    dataset = (dataset or (config_dict or {}).get("dataset") or from_files.get("dataset")
+               or "ml-100k")
     if output_dir is not None and resume is None:
         check_new_output_dir(output_dir)
     if resume is not None:
@@ -204,11 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     files = args.config_files.strip().split() if args.config_files else None
     try:
-        # As in RecBole, model and dataset may also come from the config files.
-        from_files = read_config_files(files) if args.resume is None else {}
-        model = args.model or from_files.get("model") or "CCD"
-        dataset = args.dataset or from_files.get("dataset") or "ml-100k"
-        result = run_stream(model, dataset, files, output_dir=args.output_dir,
+        result = run_stream(args.model, args.dataset, files, output_dir=args.output_dir,
                             resume=args.resume)
     except StreamConfigError as error:
         print(f"error: {error}", file=sys.stderr)

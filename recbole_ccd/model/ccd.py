@@ -16,6 +16,7 @@ from recbole.model.abstract_recommender import GeneralRecommender
 from recbole.utils import InputType
 from torch import nn
 
+from recbole_ccd.config import check_positive_ints
 from recbole_ccd.errors import StreamConfigError
 from recbole_ccd.model.backbones import LightGCN, MF, StreamRecommender
 from recbole_ccd.model.ranking import estimated_ranks, rank_transform, row_mean_var
@@ -69,11 +70,9 @@ def validate_ccd_config(config: Any) -> None:
     if config["init_kind"] not in INIT_KINDS:
         raise StreamConfigError(
             f"init_kind must be one of {INIT_KINDS}, got {config['init_kind']!r}.")
-    for key in ("teacher_epochs", "distill_epochs", "update_epochs", "teacher_batch_size",
-                "distill_batch_size", "update_batch_size", "ccd_chunk_size"):
-        value = config[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise StreamConfigError(f"{key} must be a positive integer, got {value!r}.")
+    check_positive_ints(config, ("teacher_epochs", "distill_epochs", "update_epochs",
+                                 "teacher_batch_size", "distill_batch_size",
+                                 "update_batch_size", "ccd_chunk_size"))
     teachers = config["teachers"]
     if not isinstance(teachers, list) or not teachers:
         raise StreamConfigError("teachers must be a non-empty list of backbone specs.")
